@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (the toy profile end to end) and `make test`.
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON ?= python3
+
+# Offline and quiet: no telemetry from DVC, MLflow or Prefect.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# Bytecode caching more than halves the import time of every stage process.
+unexport PYTHONDONTWRITEBYTECODE
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	distillery validate
+	dvc repro
+	@cat reports/results.md
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) checkpoints mlflow.db mlruns

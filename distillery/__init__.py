@@ -1,0 +1,1 @@
+"""The science: EDM networks and sampler, distillation methods, metrics, data. Plain torch."""

@@ -1,0 +1,148 @@
+"""FID / IS / KID through torch-fidelity, with reference statistics stored in EDM's npz layout.
+
+Images enter as uint8 NCHW (the EDM PNG round trip). The feature network is any torch-fidelity
+feature extractor: `inception-v3-compat` for the real profiles, `distillery-digits` (a DigitsNet,
+registered at import of this module) for the `toy` profile.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.helpers import vassert
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
+from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
+from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from distillery.features import load_digits_net
+
+DIGITS_EXTRACTOR = "distillery-digits"
+
+
+def to_uint8(x):
+    """Float images in [-1, 1] -> uint8, truncating as EDM does when it writes PNGs."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity view of a saved DigitsNet: uint8 NCHW in, "features" and "logits_unbiased" out."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        vassert(feature_extractor_weights_path is not None,
+                f"{name} needs feature_extractor_weights_path (a save_digits_net directory or its weights file)")
+        self.net = load_digits_net(feature_extractor_weights_path)
+
+    def forward(self, x):
+        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+        # Inverse of to_uint8 up to truncation; this is how EDM feeds uint8 data to its networks.
+        features, logits = self.net(x.to(torch.float32) / 127.5 - 1)
+        outputs = dict(features=features, logits_unbiased=logits)
+        return tuple(outputs[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits_unbiased"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits_unbiased", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+
+# Re-imports (e.g. importlib.reload) must not trip torch-fidelity's duplicate-name check.
+if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
+
+
+@dataclass
+class FeatureNet:
+    """Which torch-fidelity extractor to use and which of its features feed FID/KID and IS.
+
+    Feature keys left as None take the extractor's own defaults ("2048"/"logits_unbiased" for Inception).
+    """
+
+    extractor: str = "inception-v3-compat"
+    weights_path: str | None = None
+    fid_key: str | None = None
+    isc_key: str | None = None
+
+    def __post_init__(self):
+        vassert(self.extractor in FEATURE_EXTRACTORS_REGISTRY, f'Feature extractor "{self.extractor}" not registered')
+        cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor]
+        self.fid_key = self.fid_key or cls.get_default_feature_layer_for_metric("fid")
+        self.isc_key = self.isc_key or cls.get_default_feature_layer_for_metric("isc")
+
+
+class UInt8Images(Dataset):
+    """A uint8 [N, C, H, W] tensor as the Dataset torch-fidelity expects (one CHW image per item)."""
+
+    def __init__(self, images):
+        vassert(torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4,
+                "Expecting images as a uint8 torch.Tensor [N, C, H, W]")
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def extract_features(images_uint8, feature_net, batch_size=256):
+    """Run the feature network over uint8 images; returns {feature key: float32 array [N, D]}."""
+    cuda = torch.cuda.is_available()
+    keys = list(dict.fromkeys([feature_net.fid_key, feature_net.isc_key]))
+    extractor = create_feature_extractor(feature_net.extractor, keys, cuda=cuda, verbose=False,
+                                         feature_extractor_weights_path=feature_net.weights_path)
+    # save_cpu_ram=True keeps the DataLoader in-process: worker processes only cost time on 2 CPU cores.
+    features = get_featuresdict_from_dataset(UInt8Images(images_uint8.cpu()), extractor, batch_size,
+                                             cuda=cuda, save_cpu_ram=not cuda, verbose=False)
+    return {key: value.numpy() for key, value in features.items()}
+
+
+def fid_statistics(features):
+    """Mean and covariance (n-1) of [N, D] features, returned as float64 arrays (EDM's npz dtype).
+
+    The arithmetic is torch-fidelity's on the features as given (float32 features: float32 mean, float64
+    covariance), so FIDs agree with its `calculate_metrics` to ~1e-7 (a float64 mean differs by ~1e-6).
+    """
+    stats = fid_features_to_statistics(torch.from_numpy(np.asarray(features)))
+    return dict(mu=stats["mu"].astype(np.float64), sigma=stats["sigma"].astype(np.float64))
+
+
+def save_stats_npz(path, stats):
+    # A file handle stops np.savez from appending ".npz" to the given path.
+    with open(path, "wb") as f:
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
+
+
+def load_stats_npz(path):
+    with np.load(path, allow_pickle=False) as data:
+        return dict(mu=data["mu"], sigma=data["sigma"])
+
+
+def fid_from_statistics(stats_a, stats_b):
+    return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over splits, with torch-fidelity's fixed shuffle (seed 2020)."""
+    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits=splits)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def kid(features_a, features_b, subset_size=1000, subsets=100):
+    """(mean, std) of the polynomial-kernel MMD² over random subsets (torch-fidelity's seed 2020)."""
+    # torch-fidelity rejects subsets larger than either set; small sets use all their samples.
+    subset_size = min(subset_size, len(features_a), len(features_b))
+    out = kid_features_to_metric(torch.from_numpy(np.asarray(features_a)), torch.from_numpy(np.asarray(features_b)),
+                                 kid_subsets=subsets, kid_subset_size=subset_size, verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]

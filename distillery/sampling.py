@@ -1,0 +1,47 @@
+"""Generate image sets from fixed seeds, EDM-style: image i depends only on seed i."""
+
+import time
+
+import torch
+
+from distillery.edm import heun_sampler, seeded_latents
+from distillery.metrics import to_uint8
+
+
+def heun(net, num_steps):
+    """The teacher: deterministic Heun from σ_max (2·num_steps − 1 denoiser calls)."""
+    return lambda latents, labels: heun_sampler(net, latents, labels, num_steps=num_steps)
+
+
+def one_step(generator, sigma_init):
+    """A one-step student: x = G(σ_init·z; σ_init) (SiD/SIM generator parametrisation)."""
+    sigma = torch.tensor(sigma_init)
+    return lambda latents, labels: generator(latents * sigma_init, sigma.to(latents.device).expand(len(latents)), labels)
+
+
+@torch.no_grad()
+def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
+    """uint8 images [N,C,H,W], labels (or None) and the pure sampling time in seconds."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    images, labels, seconds = [], [], 0.0
+    for start in range(0, len(seeds), batch):
+        latents, c = seeded_latents(seeds[start:start + batch], shape, label_dim, device)
+        sync()
+        t0 = time.perf_counter()
+        x = sampler(latents, c)
+        sync()
+        seconds += time.perf_counter() - t0
+        images.append(to_uint8(x).cpu())
+        if c is not None:
+            labels.append(c.argmax(dim=1).cpu())
+    return torch.cat(images), (torch.cat(labels) if labels else None), seconds
+
+
+def image_grid(images_uint8, rows):
+    """A rows×rows tile of the first images as an HxW(xC) uint8 array for PNG writing."""
+    x = images_uint8[: rows * rows]
+    n, c, h, w = x.shape
+    pad = torch.zeros([rows * rows - n, c, h, w], dtype=x.dtype)
+    x = torch.cat([x, pad]).reshape(rows, rows, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, rows * w, c)
+    return x.squeeze(-1).numpy()

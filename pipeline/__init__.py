@@ -1,0 +1,1 @@
+"""How the stages are wired and run: params schema, atomic outputs, MLflow tracking, CLI."""

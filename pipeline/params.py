@@ -1,0 +1,182 @@
+"""The schema of params.yaml: one place for defaults and validation.
+
+Every stage and every CLI command loads params through `load_params`, so a bad key, type or
+value is refused before any compute, with the offending key named.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+METHODS = ("sid",)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Section):
+    source: Literal["sklearn-digits"] = "sklearn-digits"
+
+
+class NetworkParams(Section):
+    arch: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
+    model_channels: PosInt = 32
+    channel_mult: list[PosInt] = Field(default=[1, 2], min_length=1)
+    channel_mult_emb: PosInt = 4
+    num_blocks: PosInt = 2
+    attn_resolutions: list[PosInt] = [4]
+    dropout: Fraction = 0.0
+    augment_dim: Annotated[int, Field(ge=0)] = 0
+    label_conditional: bool = False
+
+
+class TeacherParams(Section):
+    source: Literal["train"] = "train"
+    network: NetworkParams = NetworkParams()
+    batch: PosInt = 128
+    lr: PosFloat = 1e-3
+    lr_rampup_kimg: Annotated[float, Field(ge=0)] = 5
+    duration_kimg: PosFloat = 100
+    ema_halflife_kimg: PosFloat = 5
+    ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    checkpoint_kimg: PosFloat = 20
+    P_mean: float = -1.2
+    P_std: PosFloat = 1.2
+
+
+class FeaturesParams(Section):
+    epochs: PosInt = 30
+    batch: PosInt = 64
+    lr: PosFloat = 2e-3
+
+
+class EvaluationParams(Section):
+    num_samples: PosInt = 2000
+    batch: PosInt = 500
+    teacher_steps: Annotated[int, Field(ge=2)] = 18
+    kid_subset_size: PosInt = 500
+    kid_subsets: PosInt = 50
+    is_splits: PosInt = 10
+    grid_size: PosInt = 8
+
+
+def positive_number(value):
+    """A learning rate as written in params.yaml (number or string), checked to be a positive float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not number > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return value
+
+
+LearningRate = Annotated[int | float | str, AfterValidator(positive_number)]
+
+
+class StudyParams(Section):
+    methods: list[Literal[METHODS]] = Field(default=["sid"], min_length=1)
+    # kept as written: DVC names the stages after the rendered value (distill@sid-1e-4)
+    lrs: list[LearningRate] = Field(default=["1e-4", "3e-5"], min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def unique_methods(cls, values):
+        if len(set(values)) != len(values):
+            raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+    @field_validator("lrs")
+    @classmethod
+    def unique_lrs(cls, values):
+        if len({float(v) for v in values}) != len(values):
+            raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+
+class DistillParams(Section):
+    batch: PosInt = 128
+    duration_kimg: PosFloat = 20
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999)
+    adam_eps: PosFloat = 1e-8
+    ema_halflife_kimg: PosFloat = 2
+    ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    checkpoint_kimg: PosFloat = 5
+    monitor_kimg: PosFloat = 2
+    monitor_samples: PosInt = 500
+
+
+class SiDParams(Section):
+    alpha: float = 1.2
+    sigma_init: PosFloat = 2.5
+    t_max: Annotated[float, Field(gt=0, le=1000)] = 800
+    loss_scale_g: PosFloat = 100
+
+
+class Params(Section):
+    profile: str = "toy"
+    seed: Annotated[int, Field(ge=0)] = 0
+    data: DataParams = DataParams()
+    teacher: TeacherParams = TeacherParams()
+    features: FeaturesParams = FeaturesParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    study: StudyParams = StudyParams()
+    distill: DistillParams = DistillParams()
+    sid: SiDParams = SiDParams()
+
+    def runs(self):
+        """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""
+        return [(m, float(lr), f"{m}-{lr}") for m in self.study.methods for lr in self.study.lrs]
+
+
+class ParamsError(Exception):
+    pass
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        raise ParamsError(format_errors(e, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read with ruamel (YAML 1.2), as DVC does, so that both see the same types (1e-4 is a float)."""
+    path = Path(path)
+    try:
+        raw = YAML(typ="safe", pure=True).load(path.read_text())
+    except (OSError, YAMLError) as e:
+        raise ParamsError(f"{path}: cannot read parameters: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return parse_params(raw, str(path))
+
+
+def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)

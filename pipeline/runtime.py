@@ -1,0 +1,46 @@
+"""What every stage process sets up: quiet offline defaults, seeding, device, progress, fingerprints."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+CHECKPOINT_DIR = Path("checkpoints")  # resumable training states; outside DVC, keyed by fingerprint
+
+
+def seed_everything(seed):
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fingerprint(config, files=()):
+    """sha256 over a JSON-able config and the bytes of input files: resume only into the same run."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for f in files:
+        for path in sorted(Path(f).rglob("*")) if Path(f).is_dir() else [Path(f)]:
+            if path.is_file():
+                h.update(path.name.encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def kimg_bar(total_kimg, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=round(total_kimg, 3), desc=desc, unit="kimg", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]{postfix}",
+                mininterval=2.0)

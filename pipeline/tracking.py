@@ -1,0 +1,65 @@
+"""MLflow conventions: one run per stage execution, in a local store inside the repository by default.
+
+MLflow is for browsing and comparing; the DVC-tracked metric files stay the source of every table.
+"""
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+# Keep MLflow off the network (telemetry) unless the user asked otherwise.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DISTILLERY_ROOT", Path.cwd())).resolve()
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo_root())
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def flatten(d, prefix=""):
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+class StageRun:
+    def __init__(self, mlflow):
+        self._mlflow = mlflow
+
+    def log_metrics(self, metrics: dict, step: int | None = None):
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path):
+        self._mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def stage_run(stage: str, params: dict, tags: dict | None = None):
+    """An MLflow run named after the DVC stage, with flattened params and the standard tags."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get("DISTILLERY_EXPERIMENT", f"distillery-{params.get('profile', 'default')}"))
+    all_tags = {"stage": stage.split("@")[0], "dvc_stage": stage, "git_commit": git_commit()}
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    with mlflow.start_run(run_name=stage, tags=all_tags):
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        yield StageRun(mlflow)

@@ -1,0 +1,119 @@
+"""Stage `distill@<method>-<lr>`: one distillation run of the study, resumable, FID over training."""
+
+import argparse
+import copy
+import csv
+import time
+
+from pipeline.io import atomic_path, write_json
+from pipeline.params import load_params_or_exit
+from pipeline.runtime import CHECKPOINT_DIR, device, fingerprint, kimg_bar, seed_everything
+from pipeline.tracking import stage_run
+
+from distillery.checkpoint import load_config, load_network, save_network
+from distillery.metrics import extract_features, fid_from_statistics, fid_statistics
+from distillery.methods import METHODS
+from distillery.sampling import generate, one_step
+from distillery.training import distill
+
+from stages.common import feature_net, reference
+from stages.teacher import TEACHER_DIR
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--lr", required=True, help="learning rate, as written in params.yaml")
+    return parser.parse_args()
+
+
+def run_paths(name):
+    return f"runs/{name}", f"plots/fid/{name}.csv", f"metrics/distill/{name}.json"
+
+
+def main():
+    args = parse_args()
+    params = load_params_or_exit()
+    name = f"{args.method}-{args.lr}"  # the DVC stage suffix: distill@<name>
+    runs = {run: lr for _, lr, run in params.runs()}
+    if name not in runs:
+        raise SystemExit(f"distill: {name} is not a run of study.methods × study.lrs ({', '.join(runs)})")
+    lr = runs[name]
+    out_dir, curve_path, metrics_path = run_paths(name)
+    d = params.distill
+    method_params = getattr(params, args.method)
+    method = METHODS[args.method](**method_params.model_dump())
+    dev = device()
+
+    teacher = load_network(TEACHER_DIR, device=dev)
+    config = load_config(TEACHER_DIR)["network"]
+    seed_everything(params.seed)
+    generator = copy.deepcopy(teacher).requires_grad_(True)  # G and the fake score start as the teacher
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+
+    ref_stats, _ = reference()
+    features = feature_net()
+    shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+    monitor_seeds = list(range(d.monitor_samples))
+
+    def monitor(ema):
+        images, _, _ = generate(one_step(ema, method.sigma_init), monitor_seeds, shape, teacher.label_dim,
+                                batch=params.evaluation.batch, device=dev)
+        feats = extract_features(images, features, batch_size=params.evaluation.batch)
+        return fid_from_statistics(fid_statistics(feats[features.fid_key]), ref_stats)
+
+    tags = {"method": args.method, "lr": args.lr, "batch": d.batch, "seed": params.seed}
+    with stage_run(f"distill@{name}", params.model_dump(), tags=tags) as run:
+        run.log_metrics({"lr": lr})
+        bar = kimg_bar(d.duration_kimg, f"distill {name}")
+        logged = [0]
+
+        def progress(nimg, metrics):
+            bar.n = nimg / 1000
+            bar.update(0)
+            if nimg - logged[0] >= 1000:
+                run.log_metrics(metrics, step=nimg // 1000)
+                logged[0] = nimg
+
+        def tracked_monitor(ema):
+            value = monitor(ema)
+            bar.set_postfix(fid=f"{value:.3f}")
+            run.log_metrics({"monitor_fid": value}, step=round(bar.n))
+            return value
+
+        ckpt = CHECKPOINT_DIR / f"distill-{name}.pt"
+        start = time.perf_counter()
+        ema, best, history = distill(
+            method, teacher, generator, fake, batch=d.batch, lr=lr, betas=d.adam_betas, eps=d.adam_eps,
+            duration_kimg=d.duration_kimg, ema_halflife_kimg=d.ema_halflife_kimg,
+            ema_rampup_ratio=d.ema_rampup_ratio, label_dim=teacher.label_dim, checkpoint_path=ckpt,
+            checkpoint_kimg=d.checkpoint_kimg, monitor=tracked_monitor, monitor_kimg=d.monitor_kimg,
+            fingerprint=fingerprint({"seed": params.seed, "lr": lr, "method": args.method,
+                                     "distill": d.model_dump(), "method_params": method_params.model_dump()},
+                                    [TEACHER_DIR]),
+            on_progress=progress)
+        bar.close()
+        seconds = time.perf_counter() - start
+
+        meta = {"method": args.method, "lr": lr, "sigma_init": method.sigma_init, "kimg": d.duration_kimg,
+                "best_kimg": best["kimg"], "best_monitor_fid": best["value"]}
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            save_network(tmp, ema, config, name="last", meta=meta)
+            best_net = copy.deepcopy(ema)
+            best_net.load_state_dict(best["ema"])
+            save_network(tmp, best_net, config, name="best", meta=meta)
+        with atomic_path(curve_path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["kimg", "fid", "method", "lr"])
+                writer.writerows([(f"{k:g}", f"{v:.6g}", args.method, args.lr) for k, v in history])
+        summary = {**meta, "final_monitor_fid": history[-1][1], "train_seconds": round(seconds, 1),
+                   "kimg_per_s": d.duration_kimg / seconds, "monitor_samples": d.monitor_samples,
+                   "diverged": not all(v == v and v < float("inf") for _, v in history)}
+        write_json(metrics_path, summary)
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        ckpt.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

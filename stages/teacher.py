@@ -1,0 +1,70 @@
+"""Stage `teacher`: train a small EDM teacher on the data set (toy profile), resumable."""
+
+import time
+
+import torch
+
+from pipeline.io import atomic_path, write_json
+from pipeline.params import load_params_or_exit
+from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
+from pipeline.tracking import stage_run
+
+from distillery.checkpoint import save_network
+from distillery.data import load_dataset
+from distillery.networks import build_network, edm_config
+from distillery.training import train_teacher
+
+from stages.data import DATASET
+
+TEACHER_DIR = "models/teacher"
+
+
+def teacher_config(params, resolution, channels, num_classes):
+    n = params.teacher.network
+    return edm_config(n.arch, resolution, channels, label_dim=num_classes if n.label_conditional else 0,
+                      model_channels=n.model_channels, channel_mult=n.channel_mult,
+                      channel_mult_emb=n.channel_mult_emb, num_blocks=n.num_blocks,
+                      attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
+
+
+def main():
+    params = load_params_or_exit()
+    t = params.teacher
+    images, labels, num_classes = load_dataset(DATASET)
+    config = teacher_config(params, images.shape[-1], images.shape[1], num_classes)
+    seed_everything(params.seed)
+    net = build_network(config)
+    images = torch.from_numpy(images)
+    labels = torch.eye(num_classes)[torch.from_numpy(labels)] if config["label_dim"] else None
+
+    with stage_run("teacher", params.model_dump(), tags={"method": "edm"}) as run:
+        bar = kimg_bar(t.duration_kimg, "teacher")
+        last_logged = [0]
+
+        def progress(nimg, metrics):
+            bar.n = nimg / 1000
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.update(0)
+            if nimg - last_logged[0] >= 1000:
+                run.log_metrics(metrics, step=nimg // 1000)
+                last_logged[0] = nimg
+
+        start = time.perf_counter()
+        ema = train_teacher(net, images, labels, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
+                            duration_kimg=t.duration_kimg, ema_halflife_kimg=t.ema_halflife_kimg,
+                            ema_rampup_ratio=t.ema_rampup_ratio, P_mean=t.P_mean, P_std=t.P_std,
+                            checkpoint_path=CHECKPOINT_DIR / "teacher.pt", checkpoint_kimg=t.checkpoint_kimg,
+                            fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
+                            on_progress=progress)
+        bar.close()
+        with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+            save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
+        info = {"kimg": t.duration_kimg, "parameters": sum(p.numel() for p in ema.parameters()),
+                "train_seconds": round(time.perf_counter() - start, 1)}
+        write_json("metrics/teacher.json", info)
+        run.log_metrics(info)
+        (CHECKPOINT_DIR / "teacher.pt").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""params.yaml is refused before any compute when a key, type or value is wrong, naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_are_valid_and_list_the_study():
+    params = load_params(ROOT / "params.yaml")
+    assert params.profile == "toy"
+    assert params.runs() == [("sid", 1e-4, "sid-1e-4"), ("sid", 3e-5, "sid-3e-5")]
+
+
+@pytest.mark.parametrize("edit,key,words", [
+    (lambda p: p["distill"].update(bacth=64), "distill.bacth", "Extra inputs are not permitted"),
+    (lambda p: p["teacher"].update(batch="big"), "teacher.batch", "valid integer"),
+    (lambda p: p["distill"].update(batch=-4), "distill.batch", "greater than 0"),
+    (lambda p: p["teacher"]["network"].update(dropout=1.5), "teacher.network.dropout", "less than 1"),
+    (lambda p: p["study"].update(methods=["sid", "nope"]), "study.methods.1", "sid"),
+    (lambda p: p["study"].update(lrs=["1e-4", 0.0001]), "study.lrs", "unique"),
+    (lambda p: p["study"].update(lrs=["fast"]), "study.lrs.0", "expected a number"),
+    (lambda p: p["sid"].update(t_max=2000), "sid.t_max", "less than or equal to 1000"),
+])
+def test_bad_value_is_refused_naming_the_key(edit, key, words):
+    raw = toy()
+    edit(raw)
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    message = str(e.value)
+    assert f"  {key}: " in message and words in message
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_and_stage_exit_nonzero_before_any_compute(tmp_path):
+    raw = toy()
+    raw["teacher"]["duration_kimg"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = run(["-m", "pipeline.cli", "validate"], tmp_path)
+    assert result.returncode == 2 and "teacher.duration_kimg" in result.stderr
+    # a stage validates first: it exits without writing anything
+    result = run(["-m", "stages.data"], tmp_path)
+    assert result.returncode == 2 and "teacher.duration_kimg" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unreadable_yaml_is_a_clear_error(tmp_path):
+    (tmp_path / "params.yaml").write_text("teacher: [unclosed\n")
+    with pytest.raises(ParamsError, match="cannot read parameters"):
+        load_params(tmp_path / "params.yaml")
