@@ -47,8 +47,7 @@ class GaussianMixture:
 
     def sample(self, n, generator=None):
         """n clean samples, [n, D]: component from the weights, then Gaussian noise around its mean."""
-        probs = self.weights.detach().to(torch.float64)
-        k = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+        k = torch.multinomial(self.weights.detach().to(torch.float64), n, replacement=True, generator=generator)
         noise = torch.randn([n, self.dim], generator=generator, dtype=self.means.dtype, device=self.means.device)
         return self.means[k] + self.stds[k, None] * noise
 

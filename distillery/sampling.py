@@ -38,10 +38,12 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
     return torch.cat(images), (torch.cat(labels) if labels else None), seconds
 
 
-def image_grid(images_uint8, rows):
-    """A rows×rows tile of the first images as an HxW(xC) uint8 array for PNG writing."""
+def image_grid(images_uint8, rows, pad=1):
+    """A rows×rows tile of the first images, separated by `pad` mid-grey pixels, as HxW(xC) uint8."""
     x = images_uint8[: rows * rows]
     n, c, h, w = x.shape
-    pad = torch.zeros([rows * rows - n, c, h, w], dtype=x.dtype)
-    x = torch.cat([x, pad]).reshape(rows, rows, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, rows * w, c)
-    return x.squeeze(-1).numpy()
+    x = torch.cat([x, torch.zeros([rows * rows - n, c, h, w], dtype=x.dtype)])
+    x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=128)
+    h, w = h + pad, w + pad
+    x = x.reshape(rows, rows, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, rows * w, c)
+    return x[: rows * h - pad, : rows * w - pad].squeeze(-1).numpy()

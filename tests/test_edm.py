@@ -62,7 +62,10 @@ def test_gaussian_mixture_is_differentiable_in_its_parameters():
     stds = torch.tensor([0.3, 0.6], dtype=F64, requires_grad=True)
     weights = torch.tensor([0.4, 0.6], dtype=F64, requires_grad=True)
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=F64, requires_grad=True)
-    denoise = lambda x, m, s, w: GaussianMixture(m, s, w).denoise(x, 0.7)
+
+    def denoise(x, means, stds, weights):
+        return GaussianMixture(means, stds, weights).denoise(x, 0.7)
+
     assert torch.autograd.gradcheck(denoise, (x, means, stds, weights))
 
 
@@ -108,6 +111,10 @@ def test_heun_converges_to_the_exact_gaussian_ode_solution():
     for coarse, fine in zip(errors, errors[1:]):
         assert fine < coarse / 3, errors
     assert errors[-1] < 1e-2, errors
+    # Other schedule endpoints: the latents are scaled by the sampler's own sigma_max.
+    short = heun_sampler(teacher, latents, num_steps=64, sigma_min=0.01, sigma_max=20)
+    exact_short = gaussian_pf_ode(latents * 20, 20, 0, torch.tensor(mean, dtype=F64), std)
+    assert (short - exact_short).abs().max() < 1e-2
 
 
 def test_heun_samples_of_a_gaussian_mixture_have_its_proportions_and_means():

@@ -79,7 +79,8 @@ class SiD:
         # gradient) so they contribute exactly zero to the loss and cannot poison the other samples.
         keep = _finite_rows(x_g)
         x_g = torch.where(broadcast_per_sample(keep, x_g), x_g, 0)
-        sigma = broadcast_per_sample(sid_sigmas(x_g.shape[0], self.t_max, device=x_g.device).flatten(), x_g).to(x_g.dtype)
+        sigma = sid_sigmas(x_g.shape[0], self.t_max, device=x_g.device).flatten()
+        sigma = broadcast_per_sample(sigma, x_g).to(x_g.dtype)
         x_t = x_g + sigma * torch.randn_like(x_g)
         with _frozen(teacher), _frozen(fake_net):
             d_teacher = teacher(x_t, sigma, class_labels)
@@ -98,5 +99,6 @@ class SiD:
         class_labels = None if class_labels is None else class_labels[keep]
         if isinstance(fake_net, torch.nn.Module):
             fake_net.train()
-        loss = edm_loss(fake_net, x_g, class_labels, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data)
-        return loss.mean()
+        loss = edm_loss(fake_net, x_g, class_labels, P_mean=self.P_mean, P_std=self.P_std,
+                        sigma_data=self.sigma_data)
+        return loss.sum() / z.shape[0]
