@@ -1,0 +1,103 @@
+"""The interface every one-step distillation method shares, and the fake-score machinery of the
+score-based ones (SiD, SIM, Diff-Instruct).
+
+Per iteration the training loop makes one auxiliary update (a fake score network or a
+discriminator) and one generator update, in the order the method asks for.
+"""
+
+import contextlib
+import copy
+
+import torch
+
+from distillery.edm import broadcast_per_sample, edm_loss
+
+
+def finite_rows(x):
+    return x.flatten(1).isfinite().all(1)
+
+
+@contextlib.contextmanager
+def frozen(net):
+    """Eval mode and no parameter gradients for `net` inside the block; both restored afterwards.
+
+    Gradients still flow through the network's *inputs*, which the score-based generator losses need.
+    """
+    if not isinstance(net, torch.nn.Module):
+        yield
+        return
+    was_training = net.training
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    net.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        net.train(was_training)
+
+
+class DistillationMethod:
+    """A generator G (initialised from the teacher) evaluated once: x_g = G(σ_init·z; σ_init)."""
+
+    sigma_init = 2.5
+    needs_teacher = True        # GDD trains against real data only
+    needs_real_data = False
+    generator_first = False     # SiD/SIM/DI update the fake score first; GDD updates G first
+
+    def make_aux(self, teacher):
+        """The auxiliary network: a fake score (a teacher copy) or a discriminator."""
+        raise NotImplementedError
+
+    def generator_parameters(self, generator):
+        """The generator parameters the optimiser updates (GDD-I freezes most convolutions)."""
+        return list(generator.parameters())
+
+    def optimizers(self, generator, aux, lr, betas, eps):
+        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(betas), eps=eps)
+        opt_aux = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), eps=eps)
+        return opt_g, opt_aux
+
+    def generate(self, generator, z, class_labels=None):
+        """One-step sample x_g = G(σ_init·z; σ_init)."""
+        sigma = torch.full([z.shape[0]], self.sigma_init, dtype=z.dtype, device=z.device)
+        return generator(self.sigma_init * z, broadcast_per_sample(sigma, z), class_labels)
+
+    def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
+        raise NotImplementedError
+
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+        raise NotImplementedError
+
+
+class FakeScoreMethod(DistillationMethod):
+    """Score-based methods: the auxiliary network is a fake denoiser D_ψ of the generator's samples,
+    initialised from the teacher and trained with the EDM loss (ALGORITHMS.md §3, shared fake-score update)."""
+
+    def __init__(self, sigma_init=2.5, sigma_data=0.5, P_mean=-1.2, P_std=1.2):
+        self.sigma_init = sigma_init
+        self.sigma_data = sigma_data
+        self.P_mean = P_mean
+        self.P_std = P_std
+
+    def make_aux(self, teacher):
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+        """EDM loss of the fake net on detached generator samples, summed / batch."""
+        with torch.no_grad():
+            x_g = self.generate(generator, z, class_labels)
+        keep = finite_rows(x_g)
+        x_g = x_g[keep]
+        class_labels = None if class_labels is None else class_labels[keep]
+        if isinstance(aux, torch.nn.Module):
+            aux.train()
+        loss = edm_loss(aux, x_g, class_labels, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data)
+        return loss.sum() / z.shape[0]
+
+    def denoise_pair(self, teacher, fake, x_t, sigma, class_labels):
+        """D_φ(x_t) and D_ψ(x_t) with frozen weights, differentiable w.r.t. x_t."""
+        with frozen(teacher), frozen(fake):
+            return teacher(x_t, sigma, class_labels), fake(x_t, sigma, class_labels)
