@@ -75,32 +75,59 @@ def train_teacher(net, images, labels, *, batch, lr, lr_rampup_kimg, duration_ki
     return ema
 
 
-def distill(method, teacher, generator, fake, *, batch, lr, betas, eps, duration_kimg, ema_halflife_kimg,
-            ema_rampup_ratio, label_dim=0, checkpoint_path=None, checkpoint_kimg=0, fingerprint="",
-            monitor=None, monitor_kimg=0, on_progress=None):
-    """One-step distillation: per iteration one auxiliary (fake-score) step, then one generator step.
+def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_kimg, ema_halflife_kimg,
+            ema_rampup_ratio, label_dim=0, real_images=None, real_labels=None, checkpoint_path=None,
+            checkpoint_kimg=0, fingerprint="", monitor=None, monitor_kimg=0, on_progress=None):
+    """One-step distillation: per iteration one auxiliary update (fake score or discriminator) and one
+    generator update, in the order the method asks for (`method.generator_first`).
 
     `monitor(ema) -> float` (e.g. a small-sample FID, lower is better) runs every `monitor_kimg` and
     at the end; the EMA weights with the lowest value are kept as the "best" snapshot.
-    Returns (ema, best_state, history) with history = [(kimg, value), ...].
+    Returns (ema, best, history) with best = {value, kimg, ema state} and history = [(kimg, value), ...].
     """
     shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
-    teacher.eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=tuple(betas), eps=eps)
-    opt_f = torch.optim.Adam(fake.parameters(), lr=lr, betas=tuple(betas), eps=eps)
-    nimg, history, best = 0, [], None
+    opt_g, opt_aux = method.optimizers(generator, aux, lr, betas, eps)
+    nimg, step, history, best = 0, 0, [], None
     state = resume_state(checkpoint_path, fingerprint)
     if state is not None:
-        for module, key in [(generator, "generator"), (fake, "fake"), (ema, "ema"), (opt_g, "opt_g"), (opt_f, "opt_f")]:
+        for module, key in [(generator, "generator"), (aux, "aux"), (ema, "ema"), (opt_g, "opt_g"), (opt_aux, "opt_aux")]:
             module.load_state_dict(state[key])
-        nimg, history, best = state["nimg"], [tuple(h) for h in state["history"]], state["best"]
+        nimg, step, history, best = state["nimg"], state["step"], [tuple(h) for h in state["history"]], state["best"]
         set_rng_state(state["rng"])
 
     def draw():
         z = torch.randn([batch, *shape])
         c = torch.eye(label_dim)[torch.randint(label_dim, (batch,))] if label_dim else None
         return z, c
+
+    def draw_real():
+        """A batch of (images, labels or None) from the data set, for methods that train against data."""
+        if real_images is None:
+            return None
+        idx = torch.randint(len(real_images), (batch,))
+        return real_images[idx], (real_labels[idx] if real_labels is not None else None)
+
+    def aux_update(real):
+        aux.train()
+        z, c = draw()
+        loss = method.aux_loss(generator, aux, z, c, real=real, step=step)
+        opt_aux.zero_grad(set_to_none=True)
+        loss.backward()
+        sanitize_grads(aux)
+        opt_aux.step()
+        return loss.item()
+
+    def generator_update(real):
+        z, c = draw()
+        loss = method.generator_loss(generator, aux, teacher, z, c, real=real)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        sanitize_grads(generator)
+        opt_g.step()
+        return loss.item()
 
     def evaluate():
         nonlocal best
@@ -115,31 +142,21 @@ def distill(method, teacher, generator, fake, *, batch, lr, betas, eps, duration
     checkpoints, monitors = Schedule(checkpoint_kimg), Schedule(monitor_kimg)
     generator.train()
     while nimg < total:
-        # auxiliary update: the fake score learns the current generator distribution
-        fake.train().requires_grad_(True)
-        z, c = draw()
-        loss_f = method.fake_loss(generator, fake, z, c)
-        opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
-        sanitize_grads(fake)
-        opt_f.step()
-
-        # generator update against the frozen teacher and the (now frozen) fake score
-        z, c = draw()
-        loss_g = method.generator_loss(generator, fake, teacher, z, c)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        sanitize_grads(generator)
-        opt_g.step()
-
+        real = draw_real()
+        if method.generator_first:
+            loss_g = generator_update(real)
+            loss_aux = aux_update(real)
+        else:
+            loss_aux = aux_update(real)
+            loss_g = generator_update(real)
         ema_update(ema, generator, nimg, batch, ema_halflife_kimg, ema_rampup_ratio)
-        before, nimg = nimg, nimg + batch
+        before, nimg, step = nimg, nimg + batch, step + 1
         if on_progress:
-            on_progress(nimg, {"loss_g": loss_g.item(), "loss_fake": loss_f.item()})
+            on_progress(nimg, {"loss_g": loss_g, "loss_aux": loss_aux})
         if monitor and (monitors.due(before, nimg) or nimg >= total):
             evaluate()
         if checkpoint_path and checkpoints.due(before, nimg) and nimg < total:
-            save_state(checkpoint_path, dict(fingerprint=fingerprint, nimg=nimg, generator=generator.state_dict(),
-                                             fake=fake.state_dict(), ema=ema.state_dict(), opt_g=opt_g.state_dict(),
-                                             opt_f=opt_f.state_dict(), history=history, best=best, rng=rng_state()))
+            save_state(checkpoint_path, dict(fingerprint=fingerprint, nimg=nimg, step=step, generator=generator.state_dict(),
+                                             aux=aux.state_dict(), ema=ema.state_dict(), opt_g=opt_g.state_dict(),
+                                             opt_aux=opt_aux.state_dict(), history=history, best=best, rng=rng_state()))
     return ema, best, history

@@ -5,18 +5,22 @@ import copy
 import csv
 import time
 
+import torch
+
 from pipeline.io import atomic_path, write_json
 from pipeline.params import load_params_or_exit
 from pipeline.runtime import CHECKPOINT_DIR, device, fingerprint, kimg_bar, seed_everything
 from pipeline.tracking import stage_run
 
 from distillery.checkpoint import load_config, load_network, save_network
+from distillery.data import load_dataset
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics
 from distillery.methods import METHODS
 from distillery.sampling import generate, one_step
 from distillery.training import distill
 
 from stages.common import feature_net, reference
+from stages.data import DATASET
 from stages.teacher import TEACHER_DIR
 
 
@@ -48,8 +52,13 @@ def main():
     teacher = load_network(TEACHER_DIR, device=dev)
     config = load_config(TEACHER_DIR)["network"]
     seed_everything(params.seed)
-    generator = copy.deepcopy(teacher).requires_grad_(True)  # G and the fake score start as the teacher
-    fake = copy.deepcopy(teacher).requires_grad_(True)
+    generator = copy.deepcopy(teacher).requires_grad_(True)  # every method starts G from the teacher
+    aux = method.make_aux(teacher)
+    real_images = real_labels = None
+    if method.needs_real_data:
+        images, labels, num_classes = load_dataset(DATASET)
+        real_images = torch.from_numpy(images)
+        real_labels = torch.eye(num_classes)[torch.from_numpy(labels)] if teacher.label_dim else None
 
     ref_stats, _ = reference()
     features = feature_net()
@@ -84,9 +93,10 @@ def main():
         ckpt = CHECKPOINT_DIR / f"distill-{name}.pt"
         start = time.perf_counter()
         ema, best, history = distill(
-            method, teacher, generator, fake, batch=d.batch, lr=lr, betas=d.adam_betas, eps=d.adam_eps,
+            method, teacher if method.needs_teacher else None, generator, aux, batch=d.batch, lr=lr, betas=d.adam_betas, eps=d.adam_eps,
             duration_kimg=d.duration_kimg, ema_halflife_kimg=d.ema_halflife_kimg,
-            ema_rampup_ratio=d.ema_rampup_ratio, label_dim=teacher.label_dim, checkpoint_path=ckpt,
+            ema_rampup_ratio=d.ema_rampup_ratio, label_dim=teacher.label_dim, real_images=real_images,
+            real_labels=real_labels, checkpoint_path=ckpt,
             checkpoint_kimg=d.checkpoint_kimg, monitor=tracked_monitor, monitor_kimg=d.monitor_kimg,
             fingerprint=fingerprint({"seed": params.seed, "lr": lr, "method": args.method,
                                      "distill": d.model_dump(), "method_params": method_params.model_dump()},

@@ -61,7 +61,8 @@ def test_teacher_resume_is_bit_identical(tmp_path):
 def distill_run(tmp_path, fingerprint="f", on_progress=None):
     teacher = tiny_net().eval().requires_grad_(False)
     torch.manual_seed(2)
-    generator, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    generator = copy.deepcopy(teacher).requires_grad_(True)
+    fake = SiD().make_aux(teacher)
     values = iter(range(100, 0, -1))  # a monitor whose "FID" improves each call
     return distill(SiD(), teacher, generator, fake, batch=8, lr=1e-4, betas=(0.0, 0.999), eps=1e-8,
                    duration_kimg=0.064, ema_halflife_kimg=0.01, ema_rampup_ratio=0.05,

@@ -141,7 +141,7 @@ def test_losses_are_summed_over_samples_and_scaled_per_batch():
     torch.manual_seed(2)
     fake_per_element = edm_loss(fake, x_g.detach())
     torch.manual_seed(2)
-    assert sid.fake_loss(generator, fake, z).item() == pytest.approx(fake_per_element.sum().item() / 32)
+    assert sid.aux_loss(generator, fake, z).item() == pytest.approx(fake_per_element.sum().item() / 32)
 
 
 def test_sid_sigmas_cover_the_first_80_percent_of_the_karras_schedule():
@@ -177,7 +177,7 @@ def test_fake_loss_trains_only_the_fake_net_in_train_mode():
     torch.manual_seed(0)
     generator, fake = AffineGenerator([0.1, -0.2, 0.3], -0.2), TinyDenoiser(3)
     fake.eval()
-    loss = SiD().fake_loss(generator, fake, torch.randn(64, 3, dtype=F64))
+    loss = SiD().aux_loss(generator, fake, torch.randn(64, 3, dtype=F64))
     loss.backward()
     assert loss.ndim == 0 and fake.modes == [True]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
@@ -194,7 +194,7 @@ def test_non_finite_samples_are_dropped_from_both_losses():
     g_loss.backward()
     assert g_loss.isfinite() and g_loss != 0
     assert generator.mu.grad.isfinite().all()
-    f_loss = SiD().fake_loss(generator, fake, z)
+    f_loss = SiD().aux_loss(generator, fake, z)
     f_loss.backward()
     assert f_loss.isfinite() and all(p.grad.isfinite().all() for p in fake.parameters())
 
