@@ -25,7 +25,7 @@ def throughput(sampler, shape, label_dim, batch, repeats, dev):
     generate(sampler, seeds, shape, label_dim, batch=batch, device=dev)  # warm-up
     best = 0.0
     for _ in range(repeats):
-        _, _, seconds = generate(sampler, seeds, shape, label_dim, batch=batch, device=dev)
+        seconds = generate(sampler, seeds, shape, label_dim, batch=batch, device=dev).seconds
         best = max(best, batch / seconds)
     return best
 

@@ -1,6 +1,7 @@
 """Generate image sets from fixed seeds, EDM-style: image i depends only on seed i."""
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -19,12 +20,18 @@ def one_step(generator, sigma_init):
     return lambda latents, labels: generator(latents * sigma_init, sigma.to(latents.device).expand(len(latents)), labels)
 
 
+class SampleSet(NamedTuple):
+    images: torch.Tensor          # uint8 [N, C, H, W]
+    labels: torch.Tensor | None   # class indices, or None when unconditional
+    seconds: float                # pure sampling time, for images/s
+    nonfinite: int                # images with NaN/Inf values before the uint8 conversion (a diverged net)
+
+
 @torch.no_grad()
 def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
-    """uint8 images [N,C,H,W], labels (or None) and the pure sampling time in seconds."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    images, labels, seconds = [], [], 0.0
+    images, labels, seconds, nonfinite = [], [], 0.0, 0
     for start in range(0, len(seeds), batch):
         latents, c = seeded_latents(seeds[start:start + batch], shape, label_dim, device)
         sync()
@@ -32,10 +39,11 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
         x = sampler(latents, c)
         sync()
         seconds += time.perf_counter() - t0
+        nonfinite += int((~x.flatten(1).isfinite().all(1)).sum())
         images.append(to_uint8(x).cpu())
         if c is not None:
             labels.append(c.argmax(dim=1).cpu())
-    return torch.cat(images), (torch.cat(labels) if labels else None), seconds
+    return SampleSet(torch.cat(images), torch.cat(labels) if labels else None, seconds, nonfinite)
 
 
 def image_grid(images_uint8, rows, pad=1):

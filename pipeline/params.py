@@ -126,6 +126,10 @@ class SiDParams(Section):
     loss_scale_g: PosFloat = 100
 
 
+class ReportParams(Section):
+    diverged_factor: Annotated[float, Field(gt=1)] = 3.0  # final FID above this × best FID marks a run diverged
+
+
 class Params(Section):
     profile: str = "toy"
     seed: Annotated[int, Field(ge=0)] = 0
@@ -136,6 +140,7 @@ class Params(Section):
     study: StudyParams = StudyParams()
     distill: DistillParams = DistillParams()
     sid: SiDParams = SiDParams()
+    report: ReportParams = ReportParams()
 
     def runs(self):
         """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""

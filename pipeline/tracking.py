@@ -53,7 +53,10 @@ class StageRun:
 
 @contextmanager
 def stage_run(stage: str, params: dict, tags: dict | None = None):
-    """An MLflow run named after the DVC stage, with flattened params and the standard tags."""
+    """An MLflow run named after the DVC stage, with flattened params and the standard tags.
+
+    The run-specific `tags` (method, lr, batch, seed) are logged as params too: the MLflow UI compares
+    runs by params and filters them by tags."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -61,5 +64,5 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
     all_tags = {"stage": stage.split("@")[0], "dvc_stage": stage, "git_commit": git_commit()}
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     with mlflow.start_run(run_name=stage, tags=all_tags):
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in {**flatten(params), **(tags or {})}.items()})
         yield StageRun(mlflow)

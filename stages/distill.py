@@ -66,9 +66,11 @@ def main():
     monitor_seeds = list(range(d.monitor_samples))
 
     def monitor(ema):
-        images, _, _ = generate(one_step(ema, method.sigma_init), monitor_seeds, shape, teacher.label_dim,
-                                batch=params.evaluation.batch, device=dev)
-        feats = extract_features(images, features, batch_size=params.evaluation.batch)
+        samples = generate(one_step(ema, method.sigma_init), monitor_seeds, shape, teacher.label_dim,
+                           batch=params.evaluation.batch, device=dev)
+        if samples.nonfinite:
+            return float("inf")  # a blown-up generator: never "best", marked diverged in the report
+        feats = extract_features(samples.images, features, batch_size=params.evaluation.batch)
         return fid_from_statistics(fid_statistics(feats[features.fid_key]), ref_stats)
 
     tags = {"method": args.method, "lr": args.lr, "batch": d.batch, "seed": params.seed}

@@ -37,12 +37,12 @@ def main():
         for checkpoint in ("best", "last"):
             generator = load_network(run_dir, name=checkpoint, device=dev)
             shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
-            images, labels, seconds = generate(one_step(generator, meta["sigma_init"]), seeds, shape,
-                                               generator.label_dim, batch=e.batch, device=dev)
+            images, labels, seconds, nonfinite = generate(one_step(generator, meta["sigma_init"]), seeds, shape,
+                                                          generator.label_dim, batch=e.batch, device=dev)
             metrics, _ = image_set_metrics(images, feature_net(), ref_stats, ref_features,
                                            kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets,
                                            is_splits=e.is_splits, teacher_stats=teacher_stats, batch_size=e.batch)
-            metrics["images_per_s"] = len(seeds) / seconds
+            metrics.update(images_per_s=len(seeds) / seconds, nonfinite_images=nonfinite)
             results[checkpoint] = metrics
             if checkpoint == "best":
                 save_samples(f"samples/{name}.npz", images, seeds, labels)

@@ -1,14 +1,20 @@
-"""Stage `report`: reports/results.md and reports/results.csv from the DVC-tracked metric files only."""
+"""Stage `report`: the results table, the learning-rate robustness figure and the published numbers,
+built from the DVC-tracked metric and plot files only."""
 
 import json
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
-from pipeline.io import write_text
+from pipeline.io import atomic_path, write_text
 from pipeline.params import load_params_or_exit
+from pipeline.published import published_rows
 
-COLUMNS = ["method", "lr", "NFE", "FID", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint", "FID (last)"]
+METHOD_NAMES = {"sid": "SiD", "sim": "SIM", "diff_instruct": "Diff-Instruct", "gdd": "GDD", "gdd_i": "GDD-I"}
+COLUMNS = ["method", "lr", "NFE", "FID", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint", "FID (last)",
+           "status"]
+FIGURE = "reports/lr_robustness.png"
 
 
 def read_json(path):
@@ -18,44 +24,101 @@ def read_json(path):
 def teacher_row(m):
     return {"method": f"teacher (EDM Heun, {m['steps']} steps)", "lr": None, "NFE": m["nfe"], "FID": m["fid"],
             "IS": m["is"], "KID": m["kid"], "rel-FID": 0.0, "images/s": m["images_per_s"], "kimg": None,
-            "checkpoint": "ema", "FID (last)": None}
+            "checkpoint": "ema", "FID (last)": None, "status": ""}
 
 
-def student_row(m):
-    return {"method": m["method"], "lr": m["lr"], "NFE": m["nfe"], "FID": m["fid"], "IS": m["is"], "KID": m["kid"],
-            "rel-FID": m["rel_fid"], "images/s": m["images_per_s"], "kimg": m["kimg"],
-            "checkpoint": f"best @ {m['best_kimg']:g} kimg", "FID (last)": m["fid_last"]}
+def status(train, evaluation, factor):
+    """'diverged' when training produced non-finite samples or its final FID ran away from its best."""
+    blew_up = train["diverged"] or evaluation.get("nonfinite_images", 0) > 0
+    ran_away = train["final_monitor_fid"] > factor * train["best_monitor_fid"]
+    return "diverged" if blew_up or ran_away else "ok"
+
+
+def student_row(m, train, factor):
+    return {"method": METHOD_NAMES.get(m["method"], m["method"]), "lr": m["lr"], "NFE": m["nfe"], "FID": m["fid"],
+            "IS": m["is"], "KID": m["kid"], "rel-FID": m["rel_fid"], "images/s": m["images_per_s"],
+            "kimg": m["kimg"], "checkpoint": f"best @ {m['best_kimg']:g} kimg", "FID (last)": m["fid_last"],
+            "status": status(train, m, factor)}
 
 
 def results_table(params):
     rows = [teacher_row(read_json("metrics/teacher_samples.json"))]
     # exactly the runs of the current study: files left by runs removed from params.yaml are ignored
-    names = [name for _, _, name in params.runs()]
-    rows += [student_row(read_json(f"metrics/eval/{name}.json")) for name in names]
-    return pd.DataFrame(rows, columns=COLUMNS), names
+    for _, _, name in params.runs():
+        rows.append(student_row(read_json(f"metrics/eval/{name}.json"), read_json(f"metrics/distill/{name}.json"),
+                                params.report.diverged_factor))
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def markdown(table, runs, params, teacher, n_real):
+def lr_robustness_figure(params, path):
+    """FID over training, one curve per method, one panel per learning rate (the SIM paper's layout)."""
+    lrs = params.study.lrs
+    fig = Figure(figsize=(4.2 * len(lrs), 3.4))
+    axes = fig.subplots(1, len(lrs), sharey=True, squeeze=False)
+    for ax, lr in zip(axes[0], lrs):
+        for method in params.study.methods:
+            curve = pd.read_csv(f"plots/fid/{method}-{lr}.csv")
+            ax.plot(curve["kimg"], curve["fid"], marker=".", label=METHOD_NAMES.get(method, method))
+        ax.set_title(f"lr = {lr}")
+        ax.set_xlabel("training images (kimg)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"FID ({params.distill.monitor_samples} samples)")
+    axes[0][-1].legend()
+    fig.suptitle(f"Learning-rate robustness — profile {params.profile}, batch {params.distill.batch}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def formatted(table):
     shown = table.copy()
     shown["lr"] = shown["lr"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
-    for col, fmt in [("FID", "{:.3f}"), ("FID (last)", "{:.3f}"), ("IS", "{:.2f}"), ("KID", "{:.4f}"),
+    for col, fmt in [("FID", "{:.3f}"), ("FID (last)", "{:.3f}"), ("IS", "{:.2f}"), ("KID", "{:.4g}"),
                      ("rel-FID", "{:.3f}"), ("images/s", "{:.0f}"), ("kimg", "{:g}")]:
         shown[col] = shown[col].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
-    e = params.evaluation
+    return shown.to_markdown(index=False)
+
+
+def published_section(profile):
+    rows = published_rows(profile)
+    if not rows:
+        return [f"No published numbers match the `{profile}` profile (its data set and feature network are "
+                f"this pipeline's own), so none are shown beside ours."]
+    return ["Published numbers for this setting (Inception FID, 50k samples; from the papers' repositories "
+            "and abstracts, not produced by this pipeline):", "", pd.DataFrame(rows).to_markdown(index=False)]
+
+
+def markdown(table, params, teacher, n_real):
+    e, d = params.evaluation, params.distill
+    runs = [name for _, _, name in params.runs()]
     return "\n".join([
         f"# Results — profile `{params.profile}`",
         "",
-        shown.to_markdown(index=False),
+        formatted(table),
         "",
         f"FID protocol: {e.num_samples} samples from seeds 0–{e.num_samples - 1}, uint8 round trip, "
         f"features of the `distillery-digits` classifier through torch-fidelity (toy profile: not comparable "
-        f"with Inception FIDs), against {n_real} real digits; IS over {e.is_splits} splits; "
-        f"KID with subsets of {e.kid_subset_size}. rel-FID: FID against the teacher's own samples (same seeds). "
-        f"Images/s measured at batch {e.batch} on {teacher['device']}.",
-        f"Students: the EMA generator with the lowest monitoring FID ({params.distill.monitor_samples} samples, "
-        f"every {params.distill.monitor_kimg:g} kimg) is the `best` checkpoint; `FID (last)` is the final EMA.",
+        f"with Inception FIDs), against {n_real} real digits; IS over {e.is_splits} splits; KID with subsets of "
+        f"{e.kid_subset_size}. rel-FID: FID against the teacher's own samples (same seeds). Images/s measured "
+        f"at batch {e.batch} on {teacher['device']}.",
+        f"Students: every run distils for {d.duration_kimg:g} kimg at batch {d.batch}. The EMA generator with the "
+        f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
+        f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
+        f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
+        f"{params.report.diverged_factor:g}× its best.",
         "",
-        "Sample grids (first images of the evaluation seeds):",
+        "## FID over training",
+        "",
+        "![FID vs kimg per method and learning rate](lr_robustness.png)",
+        "",
+        "## Published",
+        "",
+        *published_section(params.profile),
+        "",
+        "## Samples",
+        "",
+        "First images of the evaluation seeds (best checkpoint):",
         "",
         *[f"- {name}: ![{name}](grids/{name}.png)" for name in ["teacher", *runs]],
         "",
@@ -64,11 +127,12 @@ def markdown(table, runs, params, teacher, n_real):
 
 def main():
     params = load_params_or_exit()
-    table, runs = results_table(params)
+    table = results_table(params)
     teacher = read_json("metrics/teacher_samples.json")
     n_real = read_json("metrics/reference_stats.json")["num_images"]
+    lr_robustness_figure(params, FIGURE)
     write_text("reports/results.csv", table.to_csv(index=False))
-    write_text("reports/results.md", markdown(table, runs, params, teacher, n_real))
+    write_text("reports/results.md", markdown(table, params, teacher, n_real))
     print(Path("reports/results.md").read_text())
 
 

@@ -24,7 +24,7 @@ def main():
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     nfe = 2 * e.teacher_steps - 1
     with stage_run("teacher_samples", params.model_dump(), tags={"method": "teacher", "nfe": nfe}) as run:
-        images, labels, seconds = generate(heun(teacher, e.teacher_steps), seeds, shape, teacher.label_dim,
+        images, labels, seconds, _ = generate(heun(teacher, e.teacher_steps), seeds, shape, teacher.label_dim,
                                            batch=e.batch, device=dev)
         ref_stats, ref_features = reference()
         metrics, stats = image_set_metrics(images, feature_net(), ref_stats, ref_features,

@@ -87,12 +87,15 @@ def test_every_stage_is_an_mlflow_run_with_tags(repo):
     repo, _ = repo
     code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
             "df = mlflow.search_runs(search_all_experiments=True);"
-            "print(df[['tags.dvc_stage','tags.method','tags.lr','tags.git_commit']].to_csv(index=False))")
+            "print(df[['tags.dvc_stage','tags.method','tags.lr','tags.git_commit','params.method','params.lr',"
+            "'params.batch','params.seed']].to_csv(index=False))")
     out = sh([sys.executable, "-c", code], repo).stdout
     runs = pd.read_csv(io.StringIO(out), dtype=str)
     assert {"teacher", "distill@sid-1e-4", "evaluate@sid-3e-5", "reference_stats"} <= set(runs["tags.dvc_stage"])
     distill = runs[runs["tags.dvc_stage"] == "distill@sid-1e-4"].iloc[0]
-    assert distill["tags.method"] == "sid" and str(distill["tags.lr"]) == "1e-4"
+    assert distill["tags.method"] == distill["params.method"] == "sid"
+    assert distill["tags.lr"] == distill["params.lr"] == "1e-4"
+    assert distill["params.batch"] == "32" and distill["params.seed"] == "0"
     assert len(str(distill["tags.git_commit"])) == 40
 
 

@@ -1,0 +1,39 @@
+"""Published one-step results for settings that match a profile, with their sources.
+
+Only numbers that ALGORITHMS.md §4 marks as verified ([V-readme]/[V-page]) are listed; the ones it
+marks [R] (recalled, unverified) are left out on purpose. These rows are never mixed into the table
+of our own runs: the report prints them as a separate, labelled table.
+"""
+
+EDM_README = "NVlabs/edm README"
+SID_README = "mingyuanzhou/SiD README"
+SIDA_README = "mingyuanzhou/SiD (sida branch) README"
+SIM_ABSTRACT = "SIM (Luo et al. 2024), abstract / README"
+GDD_ABSTRACT = "GDD (Zheng & Yang 2024), abstract"
+DMD_LISTING = "DMD, wizwand benchmark listing"
+UNI_ABSTRACT = "Uni-Instruct, abstract"
+
+PUBLISHED = {
+    "cifar10-uncond": [
+        ("EDM teacher (DDPM++, Heun)", 35, 1.97, EDM_README),
+        ("EDM teacher (NCSN++, Heun)", 35, 1.98, "Zyriix/GDD README"),
+        ("SiD (α = 1.2)", 1, 1.923, SID_README),
+        ("SiDA", 1, 1.499, SIDA_README),
+        ("SIM", 1, 2.06, SIM_ABSTRACT),
+        ("GDD-I", 1, 1.54, GDD_ABSTRACT),
+        ("DMD", 1, 3.77, DMD_LISTING),
+        ("Uni-Instruct", 1, 1.46, UNI_ABSTRACT),
+    ],
+    "cifar10-cond": [
+        ("EDM teacher (DDPM++, Heun)", 35, 1.79, EDM_README),
+        ("SiD (α = 1.2)", 1, 1.710, SID_README),
+        ("SiDA", 1, 1.396, SIDA_README),
+        ("SIM", 1, 1.96, SIM_ABSTRACT),
+        ("DMD", 1, 2.66, DMD_LISTING),
+        ("Uni-Instruct", 1, 1.38, UNI_ABSTRACT),
+    ],
+}
+
+
+def published_rows(profile):
+    return [dict(method=m, NFE=nfe, FID=fid, source=src) for m, nfe, fid, src in PUBLISHED.get(profile, [])]

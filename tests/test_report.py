@@ -1,0 +1,29 @@
+"""The report marks blown-up runs instead of dropping them, and keeps published numbers apart and sourced."""
+
+from pipeline.published import PUBLISHED, published_rows
+from stages.report import status
+
+TRAIN = {"diverged": False, "final_monitor_fid": 10.0, "best_monitor_fid": 8.0}
+
+
+def test_a_healthy_run_is_ok():
+    assert status(TRAIN, {"nonfinite_images": 0}, factor=3.0) == "ok"
+
+
+def test_non_finite_samples_mark_a_run_diverged():
+    assert status({**TRAIN, "diverged": True}, {}, factor=3.0) == "diverged"
+    assert status(TRAIN, {"nonfinite_images": 5}, factor=3.0) == "diverged"
+
+
+def test_a_run_away_final_fid_marks_a_run_diverged():
+    assert status({**TRAIN, "final_monitor_fid": 25.0}, {}, factor=3.0) == "diverged"
+    assert status({**TRAIN, "final_monitor_fid": 23.0}, {}, factor=3.0) == "ok"
+
+
+def test_published_rows_carry_sources_and_leave_out_unverified_numbers():
+    assert published_rows("toy") == []
+    rows = published_rows("cifar10-uncond")
+    assert {"SiD (α = 1.2)", "SIM", "GDD-I"} <= {r["method"] for r in rows}
+    assert all(r["source"] for profile in PUBLISHED for r in published_rows(profile))
+    # ALGORITHMS.md §4 marks Diff-Instruct 4.53 and GDD 1.66 on CIFAR-10 as [R]: they must not appear
+    assert not [r for r in rows if r["FID"] in (4.53, 1.66)]
