@@ -8,7 +8,6 @@ metrics/eval), and their metric files; throughput is re-timed here with both at 
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch

@@ -1,7 +1,9 @@
 """The `distillery` command."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from pipeline.params import ParamsError, load_params
 
@@ -12,19 +14,60 @@ def cmd_validate(args):
     print(f"{args.params}: valid (profile {params.profile}; runs: {runs})")
 
 
+def parse_gpus(text):
+    return [int(g) for g in text.split(",") if g.strip()] if text else []
+
+
+def cmd_run(args):
+    import os
+
+    from pipeline.runtime import quiet_defaults
+
+    quiet_defaults()
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    load_params(args.params)  # refuse a bad params.yaml before starting anything
+    from pipeline.flow import StagesFailed, run
+
+    try:
+        states, error = run(".", gpus=parse_gpus(args.gpus), gpus_per_stage=args.gpus_per_stage,
+                            max_parallel=args.max_parallel, retries=args.retries), None
+    except StagesFailed as e:
+        states, error = e.states, e
+    timeline = {}
+    for name, state in states.items():
+        result = state.result(raise_on_failure=False) if state.is_completed() else {}
+        timeline[name] = {"state": state.name, **{k: result[k] for k in ("ran", "started", "finished") if k in result}}
+        took = f"{result['finished'] - result['started']:7.1f} s" if "started" in result else " skipped" if result else ""
+        print(f"{state.name:>12}  {name:<28}{took}")
+    if args.timeline:
+        Path(args.timeline).write_text(json.dumps(timeline, indent=2))
+    if error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="distillery", description="One-step diffusion distillation pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="check params.yaml against the schema, before any compute")
     validate.add_argument("--params", default="params.yaml")
     validate.set_defaults(func=cmd_validate)
+
+    run = sub.add_parser("run", help="run the DVC DAG under Prefect: concurrent stages, one GPU group each")
+    run.add_argument("--params", default="params.yaml")
+    run.add_argument("--gpus", default="", help="GPU ids to use, e.g. 0,1,2,3 (default: none, CPU)")
+    run.add_argument("--gpus-per-stage", type=int, default=1, help="GPUs per stage (>1 runs the stage under torchrun)")
+    run.add_argument("--max-parallel", type=int, default=2, help="stages running at once")
+    run.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
+    run.add_argument("--timeline", help="write each stage's state and start/finish times to this JSON file")
+    run.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ParamsError as e:
         print(e, file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -109,7 +109,8 @@ class StudyParams(Section):
 
 class DistillParams(Section):
     batch: PosInt = 128
-    duration_kimg: PosFloat = 20
+    shards: PosInt = 1  # micro-batches of the global batch, each with its own RNG stream (DDP ranks share them)
+    duration_kimg: PosFloat = 80
     adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999)
     adam_eps: PosFloat = 1e-8
     ema_halflife_kimg: PosFloat = 2
@@ -117,6 +118,13 @@ class DistillParams(Section):
     checkpoint_kimg: PosFloat = 5
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
+
+
+    @model_validator(mode="after")
+    def shards_divide_batch(self):
+        if self.batch % self.shards:
+            raise ValueError(f"batch {self.batch} is not divisible by shards {self.shards}")
+        return self
 
 
 class SiDParams(Section):

@@ -3,11 +3,17 @@
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(_key, _value)
+def quiet_defaults():
+    """Keep MLflow, DVC and Prefect off the network (telemetry) unless the user set otherwise."""
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+quiet_defaults()
 
 CHECKPOINT_DIR = Path("checkpoints")  # resumable training states; outside DVC, keyed by fingerprint
 
@@ -25,6 +31,26 @@ def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def distributed():
+    """(rank, device) of this process: a torch.distributed group under torchrun (NCCL on GPUs, gloo on
+    CPU), or (0, the default device) for a plain process."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield 0, device()
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
 
 
 def fingerprint(config, files=()):

@@ -51,6 +51,24 @@ class StageRun:
         self._mlflow.log_artifact(str(path))
 
 
+def set_experiment(mlflow, profile):
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get("DISTILLERY_EXPERIMENT", f"distillery-{profile}"))
+
+
+@contextmanager
+def parent_run(root, name):
+    """The MLflow run that groups the stage runs of one pipeline invocation; yields its id."""
+    import mlflow
+
+    from pipeline.params import load_params
+
+    os.environ["DISTILLERY_ROOT"] = str(root)
+    set_experiment(mlflow, load_params(Path(root) / "params.yaml").profile)
+    with mlflow.start_run(run_name=name, tags={"stage": "pipeline", "git_commit": git_commit()}) as run:
+        yield run.info.run_id
+
+
 @contextmanager
 def stage_run(stage: str, params: dict, tags: dict | None = None):
     """An MLflow run named after the DVC stage, with flattened params and the standard tags.
@@ -59,9 +77,10 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
     runs by params and filters them by tags."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("DISTILLERY_EXPERIMENT", f"distillery-{params.get('profile', 'default')}"))
+    set_experiment(mlflow, params.get("profile", "default"))
     all_tags = {"stage": stage.split("@")[0], "dvc_stage": stage, "git_commit": git_commit()}
+    if os.environ.get("DISTILLERY_PARENT_RUN_ID"):
+        all_tags["mlflow.parentRunId"] = os.environ["DISTILLERY_PARENT_RUN_ID"]  # nests it in the UI
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     with mlflow.start_run(run_name=stage, tags=all_tags):
         mlflow.log_params({k: str(v)[:500] for k, v in {**flatten(params), **(tags or {})}.items()})

@@ -2,30 +2,13 @@
 and an edited learning rate rerunning only its own stages."""
 
 import io
-import os
 import re
-import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline"]
-
-
-def sh(args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+from conftest import copy_project, sh
 
 
 def stages_run(output):
@@ -33,23 +16,10 @@ def stages_run(output):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    for name in PROJECT:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / name)
-    shutil.copy(ROOT / "profiles" / "micro.yaml", repo / "params.yaml")
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "config", "user.email", "test@example.com"], repo)
-    sh(["git", "config", "user.name", "test"], repo)
-    sh(["dvc", "init", "-q"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "project"], repo)
-    first = sh(["dvc", "repro"], repo)
-    return repo, first.stdout
+def repo(built_micro, tmp_path_factory):
+    """A copy of the built micro project, which these tests may change."""
+    src, output = built_micro
+    return copy_project(src, tmp_path_factory.mktemp("e2e") / "repo"), output
 
 
 def test_repro_builds_the_results_table(repo):
@@ -61,7 +31,7 @@ def test_repro_builds_the_results_table(repo):
     assert len(table) == 3
     assert table["method"][0].startswith("teacher") and table["NFE"][0] == 7
     students = table.iloc[1:]
-    assert list(students["method"]) == ["sid", "sid"] and sorted(students["lr"]) == [3e-5, 1e-4]
+    assert list(students["method"]) == ["SiD", "SiD"] and sorted(students["lr"]) == [3e-5, 1e-4]
     assert (students["NFE"] == 1).all()
     for col in ["FID", "IS", "KID", "rel-FID", "images/s"]:
         assert table[col].notna().all() and (table[col].iloc[1:] > 0).all(), col

@@ -1,0 +1,140 @@
+"""GDD and GDD-I: GAN distillation at distribution level (Zheng & Yang), ALGORITHMS.md §3.3.
+
+The generator starts from the teacher and is evaluated once at σ = 80; training is a pure
+non-saturating GAN against real images, so the teacher is never evaluated. At σ = 80 GDD's
+consistency-style preconditioning equals EDM's to within ~1e-5 (§3.3), so the EDMPrecond generator
+is used as it is. GDD's generator has no augment map and no dropout: it is called without augment
+labels, and its dropout rate is the one of the network it is given.
+"""
+
+import torch
+from torch.nn import functional as F
+
+from distillery.discriminators import ProjectedDiscriminator, TeacherEncoderDiscriminator
+from distillery.methods.base import DistillationMethod, frozen
+
+DISCRIMINATORS = ("teacher_encoder", "projected")
+
+
+def generator_gan_loss(logits):
+    # §3.3 generator (non-saturating): Σ_heads mean softplus(−D(x_g))
+    return sum(F.softplus(-l).mean() for l in logits)
+
+
+def discriminator_gan_loss(fake_logits, real_logits):
+    # §3.3 discriminator: Σ_heads [mean softplus(D(x_g)) + mean softplus(−D(x_real))]
+    return sum(F.softplus(l).mean() for l in fake_logits) + sum(F.softplus(-l).mean() for l in real_logits)
+
+
+def r1_penalty(real_logits, x_real, gamma):
+    """(γ/2)·‖∇_x Σ D(x_real)‖² per image, averaged over the batch; `x_real` must require grad."""
+    # §3.3 R1: gradient of the sum of every logit of every head, kept in the graph (double backward)
+    (grad,) = torch.autograd.grad(sum(l.sum() for l in real_logits), x_real, create_graph=True)
+    return gamma / 2 * grad.square().flatten(1).sum(1).mean()
+
+
+def gdd_i_frozen(name):
+    # §3.3 GDD-I (--freeze=1): frozen iff the name holds one of {block, up, down, in} and one of {conv, proj}
+    return any(s in name for s in ("block", "up", "down", "in")) and any(s in name for s in ("conv", "proj"))
+
+
+def gdd_i_trainable(named_parameters):
+    """The (name, parameter) pairs GDD-I's optimiser updates."""
+    return [(name, p) for name, p in named_parameters if not gdd_i_frozen(name)]
+
+
+class GDD(DistillationMethod):
+    """x_g = G(80z; 80) trained as a GAN generator; the auxiliary network is the discriminator.
+
+    discriminator: "teacher_encoder" (offline: heads on a frozen teacher-encoder copy evaluated at
+    `encoder_sigma`) or "projected" (GDD's: frozen torchvision `backbones` with `backbone_weights`,
+    inputs upsampled to `resolution`). R1 (γ = r1_gamma) on real images every `r1_interval` steps.
+    adam_betas: GDD's generator betas, used instead of the loop's (None: the loop's).
+    d_lr_scale: D lr / G lr before the lazy-regularisation correction (1 for CIFAR-10, §3.3).
+    """
+
+    sigma_init = 80
+    needs_teacher = False
+    needs_real_data = True
+    generator_first = True
+
+    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, adam_betas=(0.0, 0.99),
+                 d_lr_scale=1.0, sigma_init=80, encoder_sigma=0.2, head_channels=64, cmap_dim=64,
+                 backbones=("vgg16_bn", "efficientnet_b0"), backbone_weights="DEFAULT", resolution=224,
+                 proj_channels=64):
+        if discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {discriminator!r}")
+        if r1_interval < 1:
+            raise ValueError(f"r1_interval must be >= 1, got {r1_interval}")
+        self.discriminator = discriminator
+        self.r1_gamma = r1_gamma
+        self.r1_interval = r1_interval
+        self.adam_betas = adam_betas
+        self.d_lr_scale = d_lr_scale
+        self.sigma_init = sigma_init
+        self.encoder_sigma = encoder_sigma
+        self.head_channels = head_channels
+        self.cmap_dim = cmap_dim
+        self.backbones = tuple(backbones)
+        self.backbone_weights = backbone_weights
+        self.resolution = resolution
+        self.proj_channels = proj_channels
+
+    def make_aux(self, teacher):
+        """The discriminator, on the teacher's device (the teacher gives its encoder, or only its label_dim)."""
+        if self.discriminator == "teacher_encoder":
+            disc = TeacherEncoderDiscriminator(teacher, sigma=self.encoder_sigma, channels=self.head_channels,
+                                               cmap_dim=self.cmap_dim)
+        else:
+            disc = ProjectedDiscriminator(label_dim=teacher.label_dim, backbones=self.backbones,
+                                          weights=self.backbone_weights, resolution=self.resolution,
+                                          proj_channels=self.proj_channels, channels=self.head_channels,
+                                          cmap_dim=self.cmap_dim)
+        return disc.to(next(teacher.parameters()).device)
+
+    def optimizers(self, generator, aux, lr, betas, eps):
+        """G: Adam(lr, adam_betas, eps). D: StyleGAN2's lazy-regularisation correction with
+        k = r1_interval/(r1_interval + 1): lr·d_lr_scale·k and β^k (= (0, 0.99^(16/17)) by default, §3.3)."""
+        betas = tuple(betas if self.adam_betas is None else self.adam_betas)
+        k = self.r1_interval / (self.r1_interval + 1)
+        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=betas, eps=eps)
+        opt_d = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr * self.d_lr_scale * k,
+                                 betas=tuple(b ** k for b in betas), eps=eps)
+        return opt_g, opt_d
+
+    def r1_due(self, step):
+        return self.r1_gamma > 0 and step % self.r1_interval == 0
+
+    def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
+        """Non-saturating loss of x_g; gradients reach G through the discriminator's input only."""
+        x_g = self.generate(generator, z, class_labels)
+        with frozen(aux):
+            return generator_gan_loss(aux(x_g, class_labels))
+
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+        """Discriminator loss on detached x_g and the real batch, plus lazy R1 when `step` is due.
+
+        The loop makes a single D update per iteration, so on due steps the R1 term (with its gradient
+        gain r1_interval) joins that update instead of taking an optimiser step of its own.
+        """
+        if real is None:
+            raise ValueError("GDD trains against real images: call distill(..., real_images=...)")
+        with torch.no_grad():
+            x_g = self.generate(generator, z, class_labels)
+        x_real, c_real = real
+        due = self.r1_due(step)
+        x_real = x_real.to(device=x_g.device, dtype=x_g.dtype).detach().requires_grad_(due)
+        c_real = None if c_real is None else c_real.to(x_g.device)
+        real_logits = aux(x_real, c_real)
+        loss = discriminator_gan_loss(aux(x_g, class_labels), real_logits)
+        if due:
+            # §3.3 lazy R1: applied every r1_interval steps with gradient gain r1_interval
+            loss = loss + self.r1_interval * r1_penalty(real_logits, x_real, self.r1_gamma)
+        return loss
+
+
+class GDDI(GDD):
+    """GDD-I: GDD with most generator convolutions frozen (§3.3); ~84 % of CIFAR-10 NCSN++ parameters."""
+
+    def generator_parameters(self, generator):
+        return [p for _, p in gdd_i_trainable(generator.named_parameters())]

@@ -1,0 +1,57 @@
+"""A micro-profile project built once per test session by the real `dvc repro`, in a temporary git repo."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline"]
+
+
+def sh(args, cwd, check=True, extra_env=None):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **(extra_env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def new_project(path):
+    """The project's pipeline with the micro profile as params.yaml, committed in a fresh git + DVC repo."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, path / name)
+    shutil.copy(ROOT / "profiles" / "micro.yaml", path / "params.yaml")
+    sh(["git", "init", "-q"], path)
+    sh(["git", "config", "user.email", "test@example.com"], path)
+    sh(["git", "config", "user.name", "test"], path)
+    sh(["dvc", "init", "-q"], path)
+    sh(["git", "add", "-A"], path)
+    sh(["git", "commit", "-qm", "project"], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_micro(tmp_path_factory):
+    """(path, stdout of the first `dvc repro`) of a fully built micro project; copy it before changing it."""
+    repo = new_project(tmp_path_factory.mktemp("built") / "repo")
+    first = sh(["dvc", "repro"], repo)
+    return repo, first.stdout
+
+
+def copy_project(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -1,0 +1,248 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from distillery.discriminators import ProjectedDiscriminator, TeacherEncoderDiscriminator
+from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
+from distillery.networks import build_network, edm_config
+from distillery.training import distill
+
+F64 = torch.float64
+
+
+class AffineGenerator(torch.nn.Module):
+    """G(x; sigma) = mu + s * x / sigma, so GDD's G(80 z; 80) = mu + s z."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64).clone())
+        self.s = s
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.mu + self.s * x / sigma
+
+
+class OptimalDiscriminator(torch.nn.Module):
+    """D*(x) = log p_data(x) - log p_g(x) for isotropic Gaussians, as a single head of one logit per sample."""
+
+    def __init__(self, mu_data, s_data, mu_g, s_g):
+        super().__init__()
+        self.register_buffer("mu_data", torch.as_tensor(mu_data, dtype=F64))
+        self.register_buffer("mu_g", torch.as_tensor(mu_g, dtype=F64))
+        self.s_data, self.s_g = s_data, s_g
+
+    def forward(self, x, class_labels=None):
+        def log_density(mu, s):
+            return (-0.5 * ((x - mu) / s) ** 2 - math.log(s)).sum(1)
+        return [(log_density(self.mu_data, self.s_data) - log_density(self.mu_g, self.s_g))[:, None]]
+
+
+class LinearDiscriminator(torch.nn.Module):
+    """D(x) = w . flatten(x) + b, one head."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, 1, dtype=F64)
+
+    def forward(self, x, class_labels=None):
+        return [self.lin(x.flatten(1))]
+
+
+def tiny_teacher():
+    torch.manual_seed(0)
+    return build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                                    attn_resolutions=[4], augment_dim=0, dropout=0.0)).eval().requires_grad_(False)
+
+
+def test_gdd_i_freezes_84_percent_of_the_cifar10_ncsnpp_generator():
+    # The official CIFAR-10 NCSN++ configuration, with its 9-dim augment map (unused by GDD, trainable by the rule).
+    torch.manual_seed(0)
+    net = build_network(edm_config("ncsnpp", 32, 3))
+    names = dict(net.named_parameters())
+    trainable = dict(gdd_i_trainable(net.named_parameters()))
+    total = sum(p.numel() for p in names.values())
+    kept = sum(p.numel() for p in trainable.values())
+    # §3.3: 8.80 M trainable of 56.40 M (84.4 % frozen)
+    assert round(total / 1e6, 2) == 56.40
+    assert round(kept / 1e6, 2) == 8.80
+    assert round(100 * (1 - kept / total), 1) == 84.4
+    frozen = ["model.enc.32x32_block0.conv0.weight", "model.enc.16x16_down.conv1.weight",
+              "model.dec.16x16_up.conv0.bias", "model.dec.8x8_in0.conv1.weight", "model.enc.16x16_block0.proj.weight",
+              "model.dec.8x8_in0.proj.bias"]
+    kept_names = ["model.enc.32x32_block0.affine.weight", "model.enc.32x32_block0.norm0.weight",
+                  "model.enc.16x16_down.skip.weight", "model.enc.16x16_block0.qkv.weight", "model.map_layer0.weight",
+                  "model.map_layer1.bias", "model.map_augment.weight", "model.enc.32x32_conv.weight",
+                  "model.enc.16x16_aux_residual.weight", "model.dec.32x32_aux_conv.weight",
+                  "model.dec.32x32_aux_norm.weight"]
+    for name in frozen:
+        assert name in names and gdd_i_frozen(name) and name not in trainable, name
+    for name in kept_names:
+        assert name in names and not gdd_i_frozen(name) and name in trainable, name
+    # GDD-I hands exactly these to the optimiser; GDD hands all of them.
+    assert {id(p) for p in GDDI().generator_parameters(net)} == {id(p) for p in trainable.values()}
+    assert len(GDD().generator_parameters(net)) == len(names)
+
+
+def test_generator_step_against_the_optimal_discriminator_moves_the_mean_toward_the_data():
+    torch.manual_seed(0)
+    mu_data, s_data, s_g = torch.tensor([1.0, -0.5, 0.3], dtype=F64), 1.0, 0.8
+    generator = AffineGenerator([-0.4, 0.6, 0.9], s_g)
+    disc = OptimalDiscriminator(mu_data, s_data, generator.mu.detach().clone(), s_g)
+    z = torch.randn(4096, 3, dtype=F64)
+    loss = GDD().generator_loss(generator, disc, None, z)
+    (grad,) = torch.autograd.grad(loss, generator.mu)
+    # The same loss with the sign of D flipped (softplus(+D)), i.e. a generator that flees the data.
+    flipped = GDD().generator_loss(generator, lambda x, c: [-l for l in disc(x, c)], None, z)
+    (grad_flipped,) = torch.autograd.grad(flipped, generator.mu)
+
+    def distance_after_step(g):
+        return (generator.mu.detach() - 0.1 * g / g.norm() - mu_data).norm()
+
+    start = (generator.mu.detach() - mu_data).norm()
+    assert distance_after_step(grad) < start
+    assert distance_after_step(grad_flipped) > start
+    cosine = torch.nn.functional.cosine_similarity(-grad, mu_data - generator.mu.detach(), dim=0)
+    assert cosine > 0.9
+
+
+def test_discriminator_steps_increase_the_real_fake_margin():
+    torch.manual_seed(0)
+    generator = AffineGenerator([-1.0, 0.0], 0.3)
+    real = torch.randn(256, 2, dtype=F64) * 0.3 + torch.tensor([1.0, 0.0], dtype=F64)
+    disc = LinearDiscriminator(2)
+    with torch.no_grad():  # start from a discriminator that has it the wrong way round
+        disc.lin.weight.copy_(torch.tensor([[-0.5, 0.2]]))
+    method = GDD(r1_interval=16)
+    _, opt_d = method.optimizers(generator, disc, lr=0.1, betas=(0.0, 0.99), eps=1e-8)
+    z = torch.randn(256, 2, dtype=F64)
+
+    def margin():
+        with torch.no_grad():
+            return (disc(real)[0].mean() - disc(method.generate(generator, z))[0].mean()).item()
+
+    before, losses = margin(), []
+    for step in range(1, 11):  # steps 1..10: no R1 due
+        loss = method.aux_loss(generator, disc, z, real=(real, None), step=step)
+        opt_d.zero_grad()
+        loss.backward()
+        opt_d.step()
+        losses.append(loss.item())
+    assert before < 0 < margin()
+    assert losses[-1] < losses[0]
+    assert generator.mu.grad is None  # the generator sample is detached in the discriminator step
+
+
+@pytest.mark.parametrize("gamma", [1e-4, 0.3])
+def test_r1_equals_the_closed_form_for_a_linear_discriminator_and_only_on_due_steps(gamma):
+    torch.manual_seed(0)
+    generator, disc = AffineGenerator(torch.zeros(3, 4, 4), 1.0), LinearDiscriminator(48)
+    z, real = torch.randn(8, 3, 4, 4, dtype=F64), torch.randn(8, 3, 4, 4, dtype=F64)
+    method = GDD(r1_gamma=gamma, r1_interval=16)
+
+    def loss(step):
+        return method.aux_loss(generator, disc, z, real=(real, None), step=step)
+
+    base = loss(3)
+    w = disc.lin.weight
+    expected = gamma / 2 * w.square().sum() * 16  # ∇_x D = w for every image
+    for step in (0, 16, 32):
+        assert (loss(step) - base).item() == pytest.approx(expected.item(), rel=1e-9)
+    for step in (1, 15, 17, 31):
+        assert loss(step).item() == base.item()
+    # the penalty's gradient reaches D: d/dw of (γ/2)‖w‖²·16 = 16 γ w
+    (grad,) = torch.autograd.grad(loss(0) - loss(1), w)
+    assert torch.allclose(grad, 16 * gamma * w)
+
+
+def test_optimizers_use_gdd_betas_and_the_lazy_regularisation_correction():
+    teacher = tiny_teacher()
+    method = GDDI()
+    generator, disc = copy.deepcopy(teacher).requires_grad_(True), method.make_aux(teacher)
+    opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    (g,), (d,) = opt_g.param_groups, opt_d.param_groups
+    assert g["lr"] == 1e-4 and g["betas"] == (0.0, 0.99) and g["eps"] == 1e-8
+    assert d["lr"] == pytest.approx(1e-4 * 16 / 17) and d["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17)))
+    assert {id(p) for p in d["params"]} == {id(p) for p in disc.heads.parameters()}
+    assert len(g["params"]) == len(gdd_i_trainable(generator.named_parameters())) < len(list(generator.parameters()))
+    # adam_betas=None keeps the loop's betas
+    opt_g, _ = GDD(adam_betas=None).optimizers(generator, disc, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    assert opt_g.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_teacher_encoder_discriminator_heads_on_every_encoder_resolution():
+    teacher = tiny_teacher().train().requires_grad_(True)  # frozen by the discriminator, not by its caller
+    torch.manual_seed(1)
+    disc = TeacherEncoderDiscriminator(teacher)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    logits = disc.train()(x)
+    assert [tuple(l.shape) for l in logits] == [(3, 64), (3, 16)]  # 8x8 and 4x4 patch logits
+    assert not disc.encoder.training and disc.heads.training
+    assert {id(p) for p in disc.parameters() if p.requires_grad} == {id(p) for p in disc.heads.parameters()}
+    # a copy: training the discriminator cannot touch the teacher
+    assert all(p.data_ptr() != q.data_ptr() for p in disc.encoder.parameters() for q in teacher.parameters())
+    # the generator loss sends gradients to G only, and leaves D's flags as they were
+    generator = copy.deepcopy(teacher)
+    GDD().generator_loss(generator, disc, None, torch.randn(3, 1, 8, 8)).backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert generator.model.map_layer0.weight.grad.abs().sum() > 0
+    assert disc.heads.training and all(p.requires_grad for p in disc.heads.parameters())
+    # class-conditional: the logits depend on the label through the teacher's label map and the projection heads
+    torch.manual_seed(0)
+    cond_teacher = build_network(edm_config("ddpmpp", 8, 1, label_dim=3, model_channels=8, channel_mult=[1, 2],
+                                            num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0))
+    cond = TeacherEncoderDiscriminator(cond_teacher)
+    a, b = cond(x, torch.eye(3)[[0, 1, 2]]), cond(x, torch.eye(3)[[1, 2, 0]])
+    assert all(l.shape == m.shape and not torch.allclose(l, m) for l, m in zip(a, b))
+
+
+def test_projected_discriminator_structure_and_gradients_reach_only_the_heads():
+    torch.manual_seed(0)
+    disc = ProjectedDiscriminator(weights=None, resolution=32).train()  # random backbones, never downloads
+    assert list(disc.projectors) == ["vgg16_bn", "efficientnet_b0"] and len(disc.heads) == 8
+    bn = disc.projectors["vgg16_bn"].stages[0][1]
+    running = bn.running_mean.clone()
+    x = (torch.rand(2, 1, 8, 8) * 2 - 1).requires_grad_(True)
+    logits = disc(x)
+    # four scales per backbone: 32 px in -> strides 4, 8, 16, 32
+    assert [tuple(l.shape) for l in logits] == [(2, 64), (2, 16), (2, 4), (2, 1)] * 2
+    projector = disc.projectors["efficientnet_b0"]
+    assert projector.out_channels == [64, 128, 256, 512]
+    assert [c.in_channels for c in projector.channel_proj] == [24, 40, 112, 320]
+    trainable = {id(p) for p in disc.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in disc.heads.parameters()}
+    sum(l.sum() for l in logits).backward()
+    assert all(p.grad is None for p in disc.projectors.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the generator loss needs dD/dx
+    assert torch.equal(bn.running_mean, running)  # frozen backbones stay in eval mode
+    # [-1, 1] -> [0, 1] -> ImageNet normalisation: a black image enters the backbone at -mean/std
+    assert torch.allclose(((torch.zeros(1, 3, 1, 1) - projector.mean) / projector.std).flatten(),
+                          -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+@pytest.mark.parametrize("method_class", [GDD, GDDI])
+def test_distill_runs_gdd_without_a_teacher(method_class):
+    teacher = tiny_teacher()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    generator = copy.deepcopy(teacher).requires_grad_(True)
+    method = method_class(r1_interval=2)
+    torch.manual_seed(1)
+    disc = method.make_aux(teacher)
+    start_g, start_d = copy.deepcopy(generator.state_dict()), copy.deepcopy(disc.state_dict())
+    real = torch.rand(64, 1, 8, 8) * 2 - 1
+    losses = []
+    distill(method, None, generator, disc, batch=8, lr=1e-3, betas=(0.0, 0.99), eps=1e-8, duration_kimg=0.032,
+            ema_halflife_kimg=0.01, ema_rampup_ratio=0.05, real_images=real,
+            on_progress=lambda nimg, m: losses.append(m))
+    assert len(losses) == 4 and all(math.isfinite(v) for m in losses for v in m.values())
+    moved = {n for n, p in generator.named_parameters() if not torch.equal(p, start_g[n])}
+    if method_class is GDDI:
+        trainable = {n for n, _ in gdd_i_trainable(generator.named_parameters())}
+        assert moved == trainable
+    else:
+        assert moved == {n for n, _ in generator.named_parameters()}
+    for name, value in disc.state_dict().items():
+        assert torch.equal(value, start_d[name]) == name.startswith("encoder."), name
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
