@@ -47,6 +47,38 @@ def cmd_run(args):
     return 0
 
 
+def cmd_repro(args):
+    """`dvc repro` inside one MLflow parent run, so the stage runs of this invocation are grouped."""
+    import os
+    import subprocess
+
+    from pipeline.runtime import quiet_defaults
+    from pipeline.tracking import parent_run
+
+    quiet_defaults()
+    load_params(args.params)
+    with parent_run(Path.cwd(), "dvc repro") as run_id:
+        env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": run_id}
+        return subprocess.run(["dvc", "repro", *args.targets], env=env).returncode
+
+
+def cmd_compare(args):
+    """The MLflow runs of the distill and evaluate stages side by side, newest first."""
+    from pipeline.runtime import quiet_defaults
+    from pipeline.tracking import compare_table
+
+    quiet_defaults()
+    table = compare_table(args.experiment, args.stage)
+    print(table.to_markdown(index=False) if len(table) else "no runs found")
+
+
+def cmd_ui(args):
+    """Prefect server and MLflow UI on 127.0.0.1 until Ctrl-C."""
+    from pipeline.servers import serve_uis
+
+    serve_uis(args.prefect_port, args.mlflow_port)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="distillery", description="One-step diffusion distillation pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +94,21 @@ def main(argv=None):
     run.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
     run.add_argument("--timeline", help="write each stage's state and start/finish times to this JSON file")
     run.set_defaults(func=cmd_run)
+
+    repro = sub.add_parser("repro", help="dvc repro, grouped under one MLflow parent run")
+    repro.add_argument("--params", default="params.yaml")
+    repro.add_argument("targets", nargs="*")
+    repro.set_defaults(func=cmd_repro)
+
+    compare = sub.add_parser("compare", help="compare runs across methods and learning rates (from MLflow)")
+    compare.add_argument("--experiment", help="MLflow experiment (default: every distillery experiment)")
+    compare.add_argument("--stage", default="evaluate", choices=["distill", "evaluate"])
+    compare.set_defaults(func=cmd_compare)
+
+    ui = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

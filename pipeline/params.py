@@ -14,11 +14,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from pipeline.preference_params import PreferenceParams
+
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
-METHODS = ("sid",)
+METHODS = ("sid", "sim", "diff_instruct", "gdd", "gdd_i")
 
 
 class Section(BaseModel):
@@ -138,6 +140,35 @@ class ReportParams(Section):
     diverged_factor: Annotated[float, Field(gt=1)] = 3.0  # final FID above this × best FID marks a run diverged
 
 
+class SIMParams(Section):
+    """ALGORITHMS.md §3.2. c and the time weighting w(σ) = σ^weight_power are not given by the paper for
+    CIFAR-10: c = 0.4 puts the pseudo-Huber switch near σ ≈ 1 on the 8×8 toy (see distillery/methods/sim.py)."""
+    sigma_init: PosFloat = 2.5
+    c: PosFloat = 0.4
+    t_max: Annotated[float, Field(gt=0, le=1000)] = 800
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    loss_scale_g: PosFloat = 1
+    weight_power: Annotated[float, Field(ge=0)] = 2
+
+
+class DiffInstructParams(Section):
+    """ALGORITHMS.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
+    sigma_init: PosFloat = 1.0
+    loss_scale_g: PosFloat = 1
+
+
+class GDDParams(Section):
+    """ALGORITHMS.md §3.3. `teacher_encoder` is the offline discriminator (frozen teacher encoder + heads);
+    `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision)."""
+    discriminator: Literal["teacher_encoder", "projected"] = "teacher_encoder"
+    sigma_init: PosFloat = 80
+    r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
+    r1_interval: PosInt = 16
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.99)
+    d_lr_scale: PosFloat = 1.0
+    encoder_sigma: PosFloat = 0.2
+
+
 class Params(Section):
     profile: str = "toy"
     seed: Annotated[int, Field(ge=0)] = 0
@@ -148,7 +179,12 @@ class Params(Section):
     study: StudyParams = StudyParams()
     distill: DistillParams = DistillParams()
     sid: SiDParams = SiDParams()
+    sim: SIMParams = SIMParams()
+    diff_instruct: DiffInstructParams = DiffInstructParams()
+    gdd: GDDParams = GDDParams()
+    gdd_i: GDDParams = GDDParams()
     report: ReportParams = ReportParams()
+    preference: PreferenceParams = PreferenceParams()
 
     def runs(self):
         """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""
@@ -176,10 +212,13 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read with ruamel (YAML 1.2), as DVC does, so that both see the same types (1e-4 is a float)."""
+    """Read as DVC does (ruamel, YAML 1.2), so that both accept the same files and see the same types
+    (1e-4 is a float): the round-trip parser DVC uses checks the syntax, the safe one gives plain values."""
     path = Path(path)
     try:
-        raw = YAML(typ="safe", pure=True).load(path.read_text())
+        text = path.read_text()
+        YAML(typ="rt").load(text)
+        raw = YAML(typ="safe", pure=True).load(text)
     except (OSError, YAMLError) as e:
         raise ParamsError(f"{path}: cannot read parameters: {e}") from None
     if raw is not None and not isinstance(raw, dict):

@@ -85,3 +85,26 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
     with mlflow.start_run(run_name=stage, tags=all_tags):
         mlflow.log_params({k: str(v)[:500] for k, v in {**flatten(params), **(tags or {})}.items()})
         yield StageRun(mlflow)
+
+
+METRIC_COLUMNS = {"evaluate": ["fid", "fid_last", "is", "kid", "rel_fid", "images_per_s"],
+                  "distill": ["best_monitor_fid", "final_monitor_fid", "train_seconds", "kimg_per_s"]}
+
+
+def compare_table(experiment=None, stage="evaluate"):
+    """One row per MLflow run of `stage`: method, lr, batch, seed, the stage's metrics and when it ran."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri())
+    names = [experiment] if experiment else [e.name for e in mlflow.search_experiments()
+                                             if e.name.startswith("distillery-")]
+    runs = mlflow.search_runs(experiment_names=names, filter_string=f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time DESC"]) if names else pd.DataFrame()
+    columns = ["tags.dvc_stage", "params.method", "params.lr", "params.batch", "params.seed",
+               *[f"metrics.{m}" for m in METRIC_COLUMNS[stage]], "start_time"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    table = runs.reindex(columns=columns)
+    table.columns = [c.split(".", 1)[-1] for c in columns]
+    return table

@@ -94,7 +94,7 @@ def main():
         teacher = load_network(TEACHER_DIR, device=dev)
         config = load_config(TEACHER_DIR)["network"]
         seed_everything(params.seed)
-        generator = copy.deepcopy(teacher).requires_grad_(True)  # every method starts G from the teacher
+        generator = method.make_generator(teacher)  # every method starts G from the teacher
         aux = method.make_aux(teacher)
         real_images = real_labels = None
         if method.needs_real_data:

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline"]
+PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline", "votes"]
 
 
 def sh(args, cwd, check=True, extra_env=None):

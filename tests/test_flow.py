@@ -40,7 +40,7 @@ def repo(built_micro, tmp_path_factory):
 def test_after_dvc_repro_the_flow_skips_every_stage(repo):
     result, timeline = run_flow(repo)
     assert result.returncode == 0, result.stderr
-    assert len(timeline) == 10
+    assert len(timeline) == 12
     assert all(t["state"] == "Completed" and t["ran"] is False for t in timeline.values()), timeline
 
 

@@ -26,7 +26,7 @@ def test_repro_builds_the_results_table(repo):
     repo, output = repo
     assert stages_run(output) == {"data", "teacher", "features", "reference_stats", "teacher_samples",
                                   "distill@sid-1e-4", "distill@sid-3e-5", "evaluate@sid-1e-4",
-                                  "evaluate@sid-3e-5", "report"}
+                                  "evaluate@sid-3e-5", "report", "preference@0", "preference_report"}
     table = pd.read_csv(repo / "reports" / "results.csv")
     assert len(table) == 3
     assert table["method"][0].startswith("teacher") and table["NFE"][0] == 7
@@ -36,9 +36,11 @@ def test_repro_builds_the_results_table(repo):
     for col in ["FID", "IS", "KID", "rel-FID", "images/s"]:
         assert table[col].notna().all() and (table[col].iloc[1:] > 0).all(), col
     md = (repo / "reports" / "results.md").read_text()
-    assert "| sid" in md and "teacher" in md and "FID protocol" in md
+    assert "| SiD" in md and "teacher" in md and "FID protocol" in md
     for name in ["teacher", "sid-1e-4", "sid-3e-5"]:
         assert (repo / "reports" / "grids" / f"{name}.png").stat().st_size > 0
+    assert (repo / "preference" / "teacher-vs-sid-1e-4" / "study" / "index.html").exists()
+    assert "No votes yet" in (repo / "reports" / "preference.md").read_text()
     # nothing partial is left next to the outputs
     assert not list(repo.rglob("*.tmp"))
 

@@ -11,6 +11,7 @@ import copy
 import torch
 
 from distillery.edm import broadcast_per_sample, edm_loss
+from distillery.layers import UNetBlock
 
 
 def finite_rows(x):
@@ -46,10 +47,20 @@ class DistillationMethod:
     needs_teacher = True        # GDD trains against real data only
     needs_real_data = False
     generator_first = False     # SiD/SIM/DI update the fake score first; GDD updates G first
+    generator_dropout = None    # None keeps the teacher's dropout in G (SiD); GDD trains G without it
 
     def make_aux(self, teacher):
         """The auxiliary network: a fake score (a teacher copy) or a discriminator."""
         raise NotImplementedError
+
+    def make_generator(self, teacher):
+        """G starts as a copy of the teacher, with the method's dropout rate when it sets one."""
+        generator = copy.deepcopy(teacher).requires_grad_(True)
+        if self.generator_dropout is not None:
+            for block in generator.modules():
+                if isinstance(block, UNetBlock):
+                    block.dropout = self.generator_dropout
+        return generator
 
     def generator_parameters(self, generator):
         """The generator parameters the optimiser updates (GDD-I freezes most convolutions)."""

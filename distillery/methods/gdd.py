@@ -4,7 +4,7 @@ The generator starts from the teacher and is evaluated once at σ = 80; training
 non-saturating GAN against real images, so the teacher is never evaluated. At σ = 80 GDD's
 consistency-style preconditioning equals EDM's to within ~1e-5 (§3.3), so the EDMPrecond generator
 is used as it is. GDD's generator has no augment map and no dropout: it is called without augment
-labels, and its dropout rate is the one of the network it is given.
+labels, and `generator_dropout = 0` tells the stage to switch the teacher copy's dropout off.
 """
 
 import torch
@@ -57,6 +57,7 @@ class GDD(DistillationMethod):
     needs_teacher = False
     needs_real_data = True
     generator_first = True
+    generator_dropout = 0.0
 
     def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, adam_betas=(0.0, 0.99),
                  d_lr_scale=1.0, sigma_init=80, encoder_sigma=0.2, head_channels=64, cmap_dim=64,
