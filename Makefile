@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	distillery validate
-	dvc repro
+	distillery repro
 	@cat reports/results.md
 
 test: install
