@@ -109,10 +109,11 @@ POOL = GPUPool([], 1)
 def run_stage(root: str, name: str, parent_run_id: str | None):
     """Run one DVC stage if DVC says it changed; returns its outputs' paths and hashes."""
     logger = get_run_logger()
+    task_started = time.time()
     changed, cmd = stage_changed(root, name)
     if not changed:
         logger.info("%s is up to date (DVC); skipped", name)
-        return {"stage": name, "ran": False, "outs": {}}
+        return {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
     with POOL.acquire() as group:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, group))}
         if parent_run_id:
@@ -129,7 +130,8 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         finished = time.time()
     outs = commit_stage(root, name)
     logger.info("%s recorded in DVC: %s", name, outs)
-    return {"stage": name, "ran": True, "outs": outs, "started": started, "finished": finished}
+    return {"stage": name, "ran": True, "outs": outs, "started": started, "finished": finished,
+            "task_started": task_started, "task_finished": time.time()}
 
 
 def topological(graph):
