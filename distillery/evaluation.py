@@ -9,10 +9,11 @@ def image_set_metrics(images_uint8, feature_net, reference_stats, reference_feat
     feats = extract_features(images_uint8, feature_net, batch_size=batch_size)
     stats = fid_statistics(feats[feature_net.fid_key])
     is_mean, is_std = inception_score(feats[feature_net.isc_key], splits=is_splits)
-    kid_mean, kid_std = kid(feats[feature_net.fid_key], reference_features, subset_size=kid_subset_size,
-                            subsets=kid_subsets)
     metrics = {"fid": fid_from_statistics(stats, reference_stats), "is": is_mean, "is_std": is_std,
-               "kid": kid_mean, "kid_std": kid_std, "num_samples": len(images_uint8)}
+               "kid": None, "kid_std": None, "num_samples": len(images_uint8)}
+    if len(reference_features):  # published reference statistics come without features: no KID then
+        metrics["kid"], metrics["kid_std"] = kid(feats[feature_net.fid_key], reference_features,
+                                                 subset_size=kid_subset_size, subsets=kid_subsets)
     if teacher_stats is not None:
         metrics["rel_fid"] = fid_from_statistics(stats, teacher_stats)
     return metrics, stats

@@ -72,6 +72,15 @@ def cmd_compare(args):
     print(table.to_markdown(index=False) if len(table) else "no runs found")
 
 
+def cmd_plan(args):
+    from pipeline.plan import print_plan
+
+    path = Path(args.profile if args.profile.endswith(".yaml") else f"profiles/{args.profile}.yaml")
+    if args.profile == "params":
+        path = Path("params.yaml")
+    print_plan(".", path, load_params(path), measure=not args.no_measure)
+
+
 def cmd_ui(args):
     """Prefect server and MLflow UI on 127.0.0.1 until Ctrl-C."""
     from pipeline.servers import serve_uis
@@ -104,6 +113,11 @@ def main(argv=None):
     compare.add_argument("--experiment", help="MLflow experiment (default: every distillery experiment)")
     compare.add_argument("--stage", default="evaluate", choices=["distill", "evaluate"])
     compare.set_defaults(func=cmd_compare)
+
+    plan = sub.add_parser("plan", help="validate a profile; print its DAG, downloads, disk and compute estimate")
+    plan.add_argument("--profile", default="params", help="a name in profiles/, a YAML path, or 'params'")
+    plan.add_argument("--no-measure", action="store_true", help="skip the timed steps (DAG and downloads only)")
+    plan.set_defaults(func=cmd_plan)
 
     ui = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
     ui.add_argument("--prefect-port", type=int, default=4200)

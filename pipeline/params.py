@@ -27,8 +27,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Download(Section):
+    """A file fetched over HTTP(S), verified against `sha256`. Without a pin, the first download records
+    its hash in downloads.lock.json and later runs verify against it."""
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    sha256: Sha256 | None = None
+
+
 class DataParams(Section):
-    source: Literal["sklearn-digits"] = "sklearn-digits"
+    source: Literal["sklearn-digits", "cifar10"] = "sklearn-digits"  # cifar10: torchvision's download
 
 
 class NetworkParams(Section):
@@ -44,7 +54,8 @@ class NetworkParams(Section):
 
 
 class TeacherParams(Section):
-    source: Literal["train"] = "train"
+    source: Literal["train", "url"] = "train"  # url: an official EDM pickle, converted without running its code
+    download: Download | None = None
     network: NetworkParams = NetworkParams()
     batch: PosInt = 128
     lr: PosFloat = 1e-3
@@ -56,6 +67,12 @@ class TeacherParams(Section):
     P_mean: float = -1.2
     P_std: PosFloat = 1.2
 
+    @model_validator(mode="after")
+    def download_given(self):
+        if self.source == "url" and self.download is None:
+            raise ValueError("teacher.download (url, sha256) is required when teacher.source is url")
+        return self
+
 
 class FeaturesParams(Section):
     epochs: PosInt = 30
@@ -64,6 +81,13 @@ class FeaturesParams(Section):
 
 
 class EvaluationParams(Section):
+    # FID features: the toy digits classifier, or torch-fidelity's Inception port (weights fetched by
+    # torch-fidelity, or read from `feature_weights`); the reference is the data set's own statistics
+    # or a published EDM npz (`reference_download`)
+    feature_extractor: Literal["distillery-digits", "inception-v3-compat"] = "distillery-digits"
+    feature_weights: str | None = None
+    reference: Literal["data", "edm-npz"] = "data"
+    reference_download: Download | None = None
     num_samples: PosInt = 2000
     batch: PosInt = 500
     teacher_steps: Annotated[int, Field(ge=2)] = 18
@@ -71,6 +95,12 @@ class EvaluationParams(Section):
     kid_subsets: PosInt = 50
     is_splits: PosInt = 10
     grid_size: PosInt = 8
+
+    @model_validator(mode="after")
+    def reference_download_given(self):
+        if self.reference == "edm-npz" and self.reference_download is None:
+            raise ValueError("evaluation.reference_download is required when evaluation.reference is edm-npz")
+        return self
 
 
 def positive_number(value):
@@ -120,6 +150,10 @@ class DistillParams(Section):
     checkpoint_kimg: PosFloat = 5
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
+    method_duration_kimg: dict[Literal[METHODS], PosFloat] = {}  # per-method lengths (GDD needs ~100× fewer images)
+
+    def duration(self, method):
+        return self.method_duration_kimg.get(method, self.duration_kimg)
 
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from distillery.evaluation import image_set_metrics
 from distillery.metrics import load_stats_npz
 from distillery.sampling import generate, one_step
 
-from stages.common import GRIDS, TEACHER_STATS, feature_net, reference, save_grid, save_samples
+from stages.common import GRIDS, TEACHER_STATS, feature_net, protocol, reference, save_grid, save_samples
 from stages.distill import run_paths
 
 
@@ -39,7 +39,7 @@ def main():
             shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
             images, labels, seconds, nonfinite = generate(one_step(generator, meta["sigma_init"]), seeds, shape,
                                                           generator.label_dim, batch=e.batch, device=dev)
-            metrics, _ = image_set_metrics(images, feature_net(), ref_stats, ref_features,
+            metrics, _ = image_set_metrics(images, feature_net(params), ref_stats, ref_features,
                                            kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets,
                                            is_splits=e.is_splits, teacher_stats=teacher_stats, batch_size=e.batch)
             metrics.update(images_per_s=len(seeds) / seconds, nonfinite_images=nonfinite)
@@ -51,7 +51,8 @@ def main():
         summary = {"run": name, "method": args.method, "lr": meta["lr"], "nfe": 1, "kimg": meta["kimg"],
                    "best_kimg": meta["best_kimg"], "seeds": f"0-{len(seeds) - 1}", "batch": e.batch,
                    "device": dev.type, **results["best"],
-                   "fid_last": results["last"]["fid"], "rel_fid_last": results["last"]["rel_fid"]}
+                   "fid_last": results["last"]["fid"], "rel_fid_last": results["last"]["rel_fid"],
+                   "protocol": protocol(params, feature_net(params), len(seeds))}
         write_json(f"metrics/eval/{name}.json", summary)
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         run.log_artifact(GRIDS / f"{name}.png")

@@ -19,6 +19,12 @@ from stages.data import DATASET
 
 def main():
     params = load_params_or_exit()
+    if params.evaluation.feature_extractor != "distillery-digits":
+        # a published extractor (Inception): nothing to train, the output names it for the DAG
+        with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
+            write_json(tmp / "extractor.json", {"extractor": params.evaluation.feature_extractor,
+                                                "weights": params.evaluation.feature_weights})
+        return
     f = params.features
     images, labels, _ = load_dataset(DATASET)
     seed_everything(params.seed)

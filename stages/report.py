@@ -41,13 +41,24 @@ def student_row(m, train, factor):
             "status": status(train, m, factor)}
 
 
+def common_protocol(named_metrics):
+    """The one FID protocol of all rows; numbers measured differently never share a column."""
+    protocols = {json.dumps(m["protocol"], sort_keys=True) for m in named_metrics.values()}
+    if len(protocols) > 1:
+        lines = [f"  {name}: {json.dumps(m['protocol'], sort_keys=True)}" for name, m in named_metrics.items()]
+        raise SystemExit("report: refusing to put FIDs of different protocols in one column:\n" + "\n".join(lines))
+    return named_metrics["teacher"]["protocol"]
+
+
 def results_table(params):
-    rows = [teacher_row(read_json("metrics/teacher_samples.json"))]
+    teacher = read_json("metrics/teacher_samples.json")
     # exactly the runs of the current study: files left by runs removed from params.yaml are ignored
-    for _, _, name in params.runs():
-        rows.append(student_row(read_json(f"metrics/eval/{name}.json"), read_json(f"metrics/distill/{name}.json"),
-                                params.report.diverged_factor))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    evals = {name: read_json(f"metrics/eval/{name}.json") for _, _, name in params.runs()}
+    protocol = common_protocol({"teacher": teacher, **evals})
+    rows = [teacher_row(teacher)]
+    for name, m in evals.items():
+        rows.append(student_row(m, read_json(f"metrics/distill/{name}.json"), params.report.diverged_factor))
+    return pd.DataFrame(rows, columns=COLUMNS), protocol
 
 
 def lr_robustness_figure(params, path):
@@ -89,20 +100,23 @@ def published_section(profile):
             "and abstracts, not produced by this pipeline):", "", pd.DataFrame(rows).to_markdown(index=False)]
 
 
-def markdown(table, params, teacher, n_real):
+def markdown(table, params, teacher, n_real, protocol):
     e, d = params.evaluation, params.distill
+    against = f"{n_real} real images" if n_real else "the published reference statistics"
     runs = [name for _, _, name in params.runs()]
     return "\n".join([
         f"# Results — profile `{params.profile}`",
         "",
         formatted(table),
         "",
-        f"FID protocol: {e.num_samples} samples from seeds 0–{e.num_samples - 1}, uint8 round trip, "
-        f"features of the `distillery-digits` classifier through torch-fidelity (toy profile: not comparable "
-        f"with Inception FIDs), against {n_real} real digits; IS over {e.is_splits} splits; KID with subsets of "
-        f"{e.kid_subset_size}. rel-FID: FID against the teacher's own samples (same seeds). Images/s measured "
-        f"at batch {e.batch} on {teacher['device']}.",
-        f"Students: every run distils for {d.duration_kimg:g} kimg at batch {d.batch}. The EMA generator with the "
+        f"FID protocol: {protocol['num_samples']} samples from seeds {protocol['seeds']}, uint8 round trip, "
+        f"`{protocol['extractor']}` features through torch-fidelity (weights sha256 "
+        f"{protocol['weights_sha256'][:12]}), against {against} (sha256 {protocol['reference_sha256'][:12]})"
+        + (" — the toy's own feature network: not comparable with Inception FIDs" if protocol["extractor"] ==
+           "distillery-digits" else "") +
+        f"; IS over {e.is_splits} splits; KID with subsets of {e.kid_subset_size}. rel-FID: FID against the "
+        f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
+        f"Students: every run distils at batch {d.batch} for the kimg of its row. The EMA generator with the "
         f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
         f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
         f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
@@ -127,12 +141,12 @@ def markdown(table, params, teacher, n_real):
 
 def main():
     params = load_params_or_exit()
-    table = results_table(params)
+    table, protocol = results_table(params)
     teacher = read_json("metrics/teacher_samples.json")
     n_real = read_json("metrics/reference_stats.json")["num_images"]
     lr_robustness_figure(params, FIGURE)
     write_text("reports/results.csv", table.to_csv(index=False))
-    write_text("reports/results.md", markdown(table, params, teacher, n_real))
+    write_text("reports/results.md", markdown(table, params, teacher, n_real, protocol))
     print(Path("reports/results.md").read_text())
 
 

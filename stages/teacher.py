@@ -1,4 +1,5 @@
-"""Stage `teacher`: train a small EDM teacher on the data set (toy profile), resumable."""
+"""Stage `teacher`: an official EDM checkpoint, downloaded (pinned) and converted without running its
+pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable."""
 
 import time
 
@@ -6,11 +7,13 @@ import torch
 
 from pipeline.io import atomic_path, write_json
 from pipeline.params import load_params_or_exit
+from pipeline.pins import fetch
 from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
 from pipeline.tracking import stage_run
 
 from distillery.checkpoint import save_network
 from distillery.data import load_dataset
+from distillery.edm_pickle import convert_edm_pickle
 from distillery.networks import build_network, edm_config
 from distillery.training import train_teacher
 
@@ -27,8 +30,23 @@ def teacher_config(params, resolution, channels, num_classes):
                       attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
 
 
+def convert_official(params):
+    """Download the pinned EDM pickle and convert it once into our network format."""
+    spec = params.teacher.download
+    with stage_run("teacher", params.model_dump(), tags={"method": "edm", "source": spec.url}) as run:
+        path, digest = fetch(spec)
+        with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+            config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+        info = {"source": spec.url, "sha256": digest, "architecture": config["model_type"],
+                "parameters": sum(p.numel() for p in build_network(config).parameters())}
+        write_json("metrics/teacher.json", info)
+        run.log_metrics({"parameters": info["parameters"]})
+
+
 def main():
     params = load_params_or_exit()
+    if params.teacher.source == "url":
+        return convert_official(params)
     t = params.teacher
     images, labels, num_classes = load_dataset(DATASET)
     config = teacher_config(params, images.shape[-1], images.shape[1], num_classes)

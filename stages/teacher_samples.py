@@ -11,7 +11,8 @@ from distillery.evaluation import image_set_metrics
 from distillery.metrics import save_stats_npz
 from distillery.sampling import generate, heun
 
-from stages.common import GRIDS, TEACHER_SAMPLES, TEACHER_STATS, feature_net, reference, save_grid, save_samples
+from stages.common import (GRIDS, TEACHER_SAMPLES, TEACHER_STATS, feature_net, protocol, reference, save_grid,
+                           save_samples)
 from stages.teacher import TEACHER_DIR
 
 
@@ -27,11 +28,12 @@ def main():
         images, labels, seconds, _ = generate(heun(teacher, e.teacher_steps), seeds, shape, teacher.label_dim,
                                            batch=e.batch, device=dev)
         ref_stats, ref_features = reference()
-        metrics, stats = image_set_metrics(images, feature_net(), ref_stats, ref_features,
+        metrics, stats = image_set_metrics(images, feature_net(params), ref_stats, ref_features,
                                            kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets,
                                            is_splits=e.is_splits, batch_size=e.batch)
         metrics.update(nfe=nfe, images_per_s=len(seeds) / seconds, sampler="heun", steps=e.teacher_steps,
-                       seeds=f"0-{len(seeds) - 1}", batch=e.batch, device=dev.type)
+                       seeds=f"0-{len(seeds) - 1}", batch=e.batch, device=dev.type,
+                       protocol=protocol(params, feature_net(params), len(seeds)))
         save_samples(TEACHER_SAMPLES, images, seeds, labels)
         with atomic_path(TEACHER_STATS) as tmp:
             save_stats_npz(tmp, stats)

@@ -27,3 +27,17 @@ def test_published_rows_carry_sources_and_leave_out_unverified_numbers():
     assert all(r["source"] for profile in PUBLISHED for r in published_rows(profile))
     # ALGORITHMS.md §4 marks Diff-Instruct 4.53 and GDD 1.66 on CIFAR-10 as [R]: they must not appear
     assert not [r for r in rows if r["FID"] in (4.53, 1.66)]
+
+
+def test_fids_of_different_protocols_are_refused_in_one_column():
+    from stages.report import common_protocol
+
+    p = {"extractor": "inception-v3-compat", "weights_sha256": "a", "num_samples": 50000, "seeds": "0-49999",
+         "reference_sha256": "b"}
+    assert common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": dict(p)}}) == p
+    try:
+        common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": {**p, "num_samples": 10000}}})
+    except SystemExit as e:
+        assert "different protocols" in str(e) and "sid-1e-5" in str(e)
+    else:
+        raise AssertionError("mixed protocols were accepted")

@@ -1,0 +1,157 @@
+"""`distillery plan`: what a profile will run, fetch, store and cost, before anything is started.
+
+The DAG is DVC's own, rendered from the profile in a scratch copy of dvc.yaml; the compute estimate
+comes from generator steps timed here, on the present device, with the profile's network.
+"""
+
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+# Published download sizes (MB) of files whose size is known before fetching them.
+KNOWN_SIZES_MB = {
+    "cifar10": 163,  # cifar-10-python.tar.gz (torchvision)
+    "inception-v3-compat": 91,  # torch-fidelity's weights-inception-2015-12-05
+    "vgg16_bn": 528, "efficientnet_b0": 21,  # torchvision ImageNet weights (projected discriminator)
+}
+
+
+def dag(project_root, profile_path):
+    """{stage: [upstream stages]} of dvc.yaml rendered with the profile as params.yaml."""
+    from dvc.repo import Repo
+
+    from pipeline.flow import topological
+
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(Path(project_root) / "dvc.yaml", Path(scratch) / "dvc.yaml")
+        shutil.copy(profile_path, Path(scratch) / "params.yaml")
+        repo = Repo.init(scratch, no_scm=True)
+        try:
+            graph = repo.index.graph
+            stages = {s.name: sorted(u.name for u in graph.successors(s)) for s in graph.nodes}
+        finally:
+            repo.close()
+    return {name: stages[name] for name in topological(stages)}
+
+
+def downloads(params):
+    rows = []
+    if params.data.source == "cifar10":
+        rows.append(("CIFAR-10 training set (torchvision)", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                     KNOWN_SIZES_MB["cifar10"], "torchvision's md5"))
+    if params.teacher.source == "url":
+        rows.append(("EDM teacher", params.teacher.download.url, None, pin_text(params.teacher.download)))
+    e = params.evaluation
+    if e.feature_extractor == "inception-v3-compat" and not e.feature_weights:
+        rows.append(("Inception weights (torch-fidelity)", "fetched by torch-fidelity on first use",
+                     KNOWN_SIZES_MB["inception-v3-compat"], "torch-fidelity's"))
+    if e.reference == "edm-npz":
+        rows.append(("FID reference statistics", e.reference_download.url, 33, pin_text(e.reference_download)))
+    gdd = [m for m in params.study.methods if m.startswith("gdd") and getattr(params, m).discriminator == "projected"]
+    if gdd:
+        rows.append(("ImageNet backbones (torchvision), projected discriminator", "fetched by torchvision on first use",
+                     KNOWN_SIZES_MB["vgg16_bn"] + KNOWN_SIZES_MB["efficientnet_b0"], "torchvision's"))
+    return rows
+
+
+def pin_text(spec):
+    return f"sha256 {spec.sha256[:12]}…" if spec.sha256 else "sha256 recorded on first download"
+
+
+def network(params):
+    from distillery.networks import build_network, edm_config
+
+    n = params.teacher.network
+    label_dim = 10 if n.label_conditional else 0
+    resolution, channels = (32, 3) if params.data.source == "cifar10" else (8, 1)
+    config = edm_config(n.arch, resolution, channels, label_dim=label_dim, model_channels=n.model_channels,
+                        channel_mult=n.channel_mult, channel_mult_emb=n.channel_mult_emb, num_blocks=n.num_blocks,
+                        attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
+    return build_network(config)
+
+
+def seconds_per_image(method, teacher, micro_batch, device, steps=1):
+    """Wall time of one distillation iteration (aux + generator update) per image, timed here."""
+    import torch
+
+    from distillery.training import distill
+
+    generator, aux = method.make_generator(teacher), method.make_aux(teacher)
+    real = torch.rand(micro_batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution) * 2 - 1
+    run = dict(batch=micro_batch, lr=1e-5, betas=(0.0, 0.999), eps=1e-8, ema_halflife_kimg=1, ema_rampup_ratio=0.05,
+               label_dim=teacher.label_dim, real_images=real if method.needs_real_data else None)
+    distill(method, teacher if method.needs_teacher else None, generator, aux, duration_kimg=micro_batch / 1000, **run)
+    start = time.perf_counter()
+    distill(method, teacher if method.needs_teacher else None, generator, aux,
+            duration_kimg=steps * micro_batch / 1000, **run)
+    return (time.perf_counter() - start) / (steps * micro_batch)
+
+
+def estimate(params, micro_batch=None):
+    """{method: seconds per image} of every method of the study, and the teacher's seconds per sample."""
+    import torch
+
+    from distillery.methods import METHODS
+    from distillery.sampling import generate, heun
+    from pipeline.runtime import device
+
+    dev = device()
+    micro_batch = micro_batch or (8 if dev.type == "cuda" else 1)
+    torch.manual_seed(0)
+    teacher = network(params).to(dev).eval().requires_grad_(False)
+    per_image = {}
+    for m in params.study.methods:
+        kwargs = getattr(params, m).model_dump()
+        if m.startswith("gdd"):
+            kwargs["backbone_weights"] = None  # same compute as the ImageNet weights, nothing to download
+        per_image[m] = seconds_per_image(METHODS[m](**kwargs), copy.deepcopy(teacher), micro_batch, dev)
+    shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+    sampling = generate(heun(teacher, 2), [0, 1], shape, teacher.label_dim, batch=2, device=dev).seconds / 2
+    heun_per_sample = sampling / 3 * (2 * params.evaluation.teacher_steps - 1)  # 3 denoiser calls timed above
+    return dev, per_image, heun_per_sample, sum(p.numel() for p in teacher.parameters())
+
+
+def disk_gb(params, n_params):
+    res, ch = (32, 3) if params.data.source == "cifar10" else (8, 1)
+    image = res * res * ch  # bytes per uint8 image
+    runs = len(params.runs())
+    dataset = (50000 if params.data.source == "cifar10" else 1797) * image
+    samples = (runs + 1) * params.evaluation.num_samples * image
+    networks = (1 + 2 * runs) * n_params * 4
+    checkpoints = min(runs, 8) * 7 * n_params * 4  # G, aux, EMA and two Adam moments of the stages running at once
+    return {"data set": dataset, "sample sets": samples, "networks (teacher, best and last per run)": networks,
+            "resumable checkpoints (running stages)": checkpoints}
+
+
+def print_plan(project_root, profile_path, params, measure=True):
+    gb = 1e9
+    print(f"profile {params.profile} ({profile_path}): valid")
+    print("\nDAG (DVC stages, upstream first):")
+    for name, upstream in dag(project_root, profile_path).items():
+        print(f"  {name:<28} <- {', '.join(upstream) or '(none)'}")
+    print("\nDownloads:")
+    for what, url, mb, pin in downloads(params) or [("none", "", 0, "")]:
+        print(f"  {what}: {url} ({f'{mb} MB' if mb else 'size known on download'}; {pin})")
+    if not measure:
+        return
+    dev, per_image, heun_per_sample, n_params = estimate(params)
+    print(f"\nDisk (teacher network {n_params / 1e6:.1f} M parameters):")
+    sizes = disk_gb(params, n_params)
+    for what, size in sizes.items():
+        print(f"  {what:<42} {size / gb:8.2f} GB")
+    print(f"  {'total':<42} {sum(sizes.values()) / gb:8.2f} GB")
+    print(f"\nCompute on this device ({dev.type}; timed here with the profile's network):")
+    total = 0.0
+    n_lrs = len(params.study.lrs)
+    for method, seconds in per_image.items():
+        hours = seconds * params.distill.duration(method) * 1000 * n_lrs / 3600
+        total += hours
+        print(f"  distill {method:<14} {1 / seconds:9.2f} images/s × {params.distill.duration(method):g} kimg × "
+              f"{n_lrs} lrs = {hours:12.1f} device-hours")
+    sampling = heun_per_sample * params.evaluation.num_samples / 3600
+    total += sampling
+    print(f"  teacher samples ({params.evaluation.num_samples} × NFE {2 * params.evaluation.teacher_steps - 1})"
+          f"{'':<10}= {sampling:12.1f} device-hours")
+    print(f"  total{'':<53}≈ {total:12.1f} device-hours (split over --gpus; FID feature extraction not included)")

@@ -1,0 +1,45 @@
+"""`distillery plan` validates a profile and prints its DAG, downloads, disk and compute, offline."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, sh
+
+from pipeline.params import load_params
+from pipeline.plan import dag, disk_gb, downloads
+
+DISTILLERY = str(Path(sys.executable).parent / "distillery")
+
+
+@pytest.mark.parametrize("profile", ["cifar10-uncond", "cifar10-cond"])
+def test_plan_of_a_cifar10_profile_runs_offline(profile):
+    out = sh([DISTILLERY, "plan", "--profile", profile, "--no-measure"], ROOT).stdout
+    assert f"profile {profile}" in out and "valid" in out
+    assert "distill@sid-1e-5" in out and "evaluate@gdd_i-1e-4" in out and "report" in out
+    vp = "cond-vp" if profile == "cifar10-cond" else "uncond-vp"
+    assert f"edm-cifar10-32x32-{vp}.pkl" in out and "cifar10-32x32.npz" in out
+
+
+def test_dag_is_dvcs_own_rendering_of_the_profile():
+    stages = dag(ROOT, ROOT / "profiles" / "cifar10-uncond.yaml")
+    assert len([s for s in stages if s.startswith("distill@")]) == 10
+    assert stages["evaluate@sid-1e-5"] == sorted(stages["evaluate@sid-1e-5"])
+    assert "distill@sid-1e-5" in stages["evaluate@sid-1e-5"]
+    order = list(stages)
+    assert order.index("teacher") < order.index("distill@sid-1e-5") < order.index("report")
+
+
+def test_downloads_and_disk_follow_the_profile():
+    cifar = load_params(ROOT / "profiles" / "cifar10-uncond.yaml")
+    assert any("edm-cifar10-32x32-uncond-vp.pkl" in url for _, url, _, _ in downloads(cifar))
+    assert downloads(load_params(ROOT / "params.yaml")) == []  # the toy fetches nothing
+    sizes = disk_gb(cifar, n_params=55_733_891)
+    assert sizes["sample sets"] == 11 * 50_000 * 3 * 32 * 32  # teacher + 10 runs, uint8
+
+
+def test_a_bad_profile_is_refused_naming_the_key(tmp_path):
+    bad = (ROOT / "profiles" / "cifar10-uncond.yaml").read_text().replace("num_samples: 50000", "num_samples: -5")
+    (tmp_path / "bad.yaml").write_text(bad)
+    result = sh([DISTILLERY, "plan", "--profile", str(tmp_path / "bad.yaml"), "--no-measure"], ROOT, check=False)
+    assert result.returncode == 2 and "evaluation.num_samples" in result.stderr

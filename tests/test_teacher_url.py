@@ -1,0 +1,76 @@
+"""The `teacher` stage with an official-format EDM pickle served on 127.0.0.1: downloaded, pinned on
+first use (loudly), converted without running its code; changed bytes are refused later."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from test_download import Handler
+from test_edm_pickle import random_network, write_official_pickle
+
+from distillery.checkpoint import load_network
+from distillery.networks import edm_config
+
+CONFIG = edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                    augment_dim=0, dropout=0.0)
+
+
+@pytest.fixture
+def served(tmp_path):
+    marker = tmp_path / "module_src_was_executed"
+    src = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\nraise RuntimeError('ran')\n"
+    net = random_network(CONFIG)
+    kwargs = {k: v for k, v in CONFIG.items() if k not in ("img_resolution", "img_channels", "label_dim", "model_type")}
+    init_kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, use_fp16=False, model_type="SongUNet", **kwargs)
+    write_official_pickle(tmp_path / "teacher.pkl", net, init_kwargs, src)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = (tmp_path / "teacher.pkl").read_bytes(), [], [], True
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd, net, marker
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def run_teacher_stage(project):
+    return subprocess.run([sys.executable, "-m", "stages.teacher"], cwd=project, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(project)})
+
+
+def test_official_teacher_is_pinned_on_first_download_and_refused_when_it_changes(tmp_path, served):
+    httpd, net, marker = served
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+    params["teacher"].update(source="url", download={"url": httpd.url})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    first = run_teacher_stage(project)
+    assert first.returncode == 0, first.stderr
+    digest = hashlib.sha256(httpd.payload).hexdigest()
+    assert "WARNING: no sha256 pinned" in first.stderr and digest in first.stderr
+    assert json.loads((project / "downloads.lock.json").read_text()) == {httpd.url: digest}
+    assert not marker.exists()  # the embedded module source never ran
+    converted = load_network(project / "models" / "teacher")
+    for k, v in net.state_dict().items():
+        assert torch.equal(converted.state_dict()[k], v), k
+    assert json.loads((project / "models" / "teacher" / "config.json").read_text())["sha256"] == digest
+
+    # the server now hands out other bytes: the recorded pin refuses them and the old teacher stays
+    (project / "downloads" / "teacher.pkl").unlink()
+    httpd.payload = httpd.payload[:-1] + bytes([httpd.payload[-1] ^ 1])
+    second = run_teacher_stage(project)
+    assert second.returncode != 0 and "ChecksumMismatch" in second.stderr
+    assert not (project / "downloads" / "teacher.pkl").exists()
+    assert torch.equal(load_network(project / "models" / "teacher").state_dict()["model.map_layer0.weight"],
+                       net.state_dict()["model.map_layer0.weight"])
