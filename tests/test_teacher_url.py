@@ -74,3 +74,39 @@ def test_official_teacher_is_pinned_on_first_download_and_refused_when_it_change
     assert not (project / "downloads" / "teacher.pkl").exists()
     assert torch.equal(load_network(project / "models" / "teacher").state_dict()["model.map_layer0.weight"],
                        net.state_dict()["model.map_layer0.weight"])
+
+
+def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
+    import io
+
+    import numpy as np
+
+    from distillery.metrics import fid_from_statistics, load_stats_npz
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 16))
+    mu, sigma = rng.normal(size=16), a.T @ a / 64
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma)  # EDM's fid-refs layout
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = buffer.getvalue(), [], [], True
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+        params["evaluation"].update(reference="edm-npz", reference_download={
+            "url": url, "sha256": hashlib.sha256(httpd.payload).hexdigest()})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        result = subprocess.run([sys.executable, "-m", "stages.reference_stats"], cwd=tmp_path, capture_output=True,
+                                text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    stats = load_stats_npz(tmp_path / "stats" / "reference.npz")
+    assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
+    assert fid_from_statistics(stats, {"mu": mu, "sigma": sigma}) == pytest.approx(0, abs=1e-6)
+    assert np.load(tmp_path / "stats" / "reference_features.npz")["features"].shape == (0, 16)  # no KID from it
