@@ -5,20 +5,7 @@ from distillery.analytic import GaussianMixture
 from distillery.edm import edm_loss
 from distillery.methods import METHODS
 from distillery.methods.sid import SiD, sid_generator_loss, sid_loss_core, sid_sigmas
-
-F64 = torch.float64
-
-
-class AffineGenerator(torch.nn.Module):
-    """G_theta(x; sigma) = mu + exp(log_s) * x / sigma, so SiD's G(sigma_init z; sigma_init) = mu + s z."""
-
-    def __init__(self, mu, log_s):
-        super().__init__()
-        self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64).clone())
-        self.log_s = torch.nn.Parameter(torch.as_tensor(log_s, dtype=F64).clone())
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.mu + self.log_s.exp() * x / sigma
+from toys import F64, AffineGenerator
 
 
 class TinyDenoiser(torch.nn.Module):

@@ -9,20 +9,7 @@ from distillery.methods.sid import sid_generator_loss, sid_loss_core, sid_sigmas
 from distillery.methods.sim import SIM, pseudo_huber_derivative, sim_generator_loss, sim_loss_core
 from distillery.networks import build_network, edm_config
 from distillery.training import distill
-
-F64 = torch.float64
-
-
-class AffineGenerator(torch.nn.Module):
-    """G(x; sigma) = mu + exp(log_s) x / sigma: the one-step sample G(sigma_init z; sigma_init) is N(mu, s^2 I)."""
-
-    def __init__(self, mu, log_s):
-        super().__init__()
-        self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64).clone())
-        self.log_s = torch.nn.Parameter(torch.as_tensor(log_s, dtype=F64).clone())
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.mu + self.log_s.exp() * x / sigma
+from toys import F64, AffineGenerator
 
 
 class MLPDenoiser(torch.nn.Module):

@@ -112,3 +112,17 @@ class FakeScoreMethod(DistillationMethod):
         """D_φ(x_t) and D_ψ(x_t) with frozen weights, differentiable w.r.t. x_t."""
         with frozen(teacher), frozen(fake):
             return teacher(x_t, sigma, class_labels), fake(x_t, sigma, class_labels)
+
+    def diffused_pair(self, generator, fake, teacher, z, class_labels, sigmas):
+        """(x_g, σ, D_φ(x_t), D_ψ(x_t)) for x_t = x_g + σε with σ = sigmas(batch, device) — the common start of
+        the SiD and SIM generator losses. Non-finite samples are zeroed: torch.where passes them no gradient, so
+        they contribute exactly zero and cannot poison the other samples."""
+        x_g = self.generate(generator, z, class_labels)
+        keep = finite_rows(x_g)
+        x_g = torch.where(broadcast_per_sample(keep, x_g), x_g, 0)
+        sigma = broadcast_per_sample(sigmas(x_g.shape[0], x_g.device).flatten(), x_g).to(x_g.dtype)
+        x_t = x_g + sigma * torch.randn_like(x_g)
+        d_teacher, d_fake = self.denoise_pair(teacher, fake, x_t, sigma, class_labels)
+        keep = broadcast_per_sample(keep & finite_rows(d_teacher) & finite_rows(d_fake), x_g)
+        x_g, d_teacher, d_fake = (torch.where(keep, t, 0) for t in (x_g, d_teacher, d_fake))
+        return x_g, sigma, d_teacher, d_fake

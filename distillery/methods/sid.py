@@ -2,8 +2,7 @@
 
 import torch
 
-from distillery.edm import broadcast_per_sample
-from distillery.methods.base import FakeScoreMethod, finite_rows
+from distillery.methods.base import FakeScoreMethod
 
 
 def sid_sigmas(batch_size, t_max=800, sigma_min=0.002, sigma_max=80, rho=7, device=None):
@@ -42,15 +41,7 @@ class SiD(FakeScoreMethod):
 
         Gradients reach the generator through x_g and through the inputs of both (frozen) denoisers.
         """
-        x_g = self.generate(generator, z, class_labels)
-        # Samples with non-finite values are dropped: their rows are zeroed (torch.where passes them no
-        # gradient) so they contribute exactly zero to the loss and cannot poison the other samples.
-        keep = finite_rows(x_g)
-        x_g = torch.where(broadcast_per_sample(keep, x_g), x_g, 0)
-        sigma = broadcast_per_sample(sid_sigmas(x_g.shape[0], self.t_max, device=x_g.device).flatten(), x_g).to(x_g.dtype)
-        x_t = x_g + sigma * torch.randn_like(x_g)
-        d_teacher, d_fake = self.denoise_pair(teacher, aux, x_t, sigma, class_labels)
-        keep = broadcast_per_sample(keep & finite_rows(d_teacher) & finite_rows(d_fake), x_g)
-        x_g, d_teacher, d_fake = (torch.where(keep, t, 0) for t in (x_g, d_teacher, d_fake))
+        x_g, _, d_teacher, d_fake = self.diffused_pair(
+            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device))
         per_sample = sid_generator_loss(x_g, d_teacher, d_fake, self.alpha)
         return per_sample.sum() * self.loss_scale_g / z.shape[0]

@@ -26,10 +26,8 @@ Choices the paper's text would settle but that were not readable (§3.2, §9), m
   x_g is already of order one; SiD's 100 is its authors' setting for its own loss and is not carried over.
 """
 
-import torch
-
 from distillery.edm import broadcast_per_sample
-from distillery.methods.base import FakeScoreMethod, finite_rows
+from distillery.methods.base import FakeScoreMethod
 from distillery.methods.sid import sid_sigmas
 
 DISTANCES = ('pseudo_huber', 'l2')
@@ -90,14 +88,7 @@ class SIM(FakeScoreMethod):
         Gradients reach the generator through x_g and through the inputs of both (frozen) denoisers,
         including those inside the d′ factor.
         """
-        x_g = self.generate(generator, z, class_labels)
-        # Non-finite samples contribute exactly zero (their rows are zeroed, as in SiD).
-        keep = finite_rows(x_g)
-        x_g = torch.where(broadcast_per_sample(keep, x_g), x_g, 0)
-        sigma = broadcast_per_sample(sid_sigmas(x_g.shape[0], self.t_max, device=x_g.device).flatten(), x_g).to(x_g.dtype)
-        x_t = x_g + sigma * torch.randn_like(x_g)
-        d_teacher, d_fake = self.denoise_pair(teacher, aux, x_t, sigma, class_labels)
-        keep = broadcast_per_sample(keep & finite_rows(d_teacher) & finite_rows(d_fake), x_g)
-        x_g, d_teacher, d_fake = (torch.where(keep, t, 0) for t in (x_g, d_teacher, d_fake))
+        x_g, sigma, d_teacher, d_fake = self.diffused_pair(
+            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device))
         per_sample = sim_generator_loss(x_g, d_teacher, d_fake, sigma, self.distance, self.c, self.weight_power)
         return per_sample.sum() * self.loss_scale_g / z.shape[0]
