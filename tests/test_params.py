@@ -19,7 +19,9 @@ def toy():
 def test_shipped_params_are_valid_and_list_the_study():
     params = load_params(ROOT / "params.yaml")
     assert params.profile == "toy"
-    assert params.runs() == [("sid", 1e-4, "sid-1e-4"), ("sid", 3e-5, "sid-3e-5")]
+    assert params.study.methods == ["sid", "sim", "diff_instruct", "gdd", "gdd_i"]
+    assert params.runs()[:2] == [("sid", 3e-4, "sid-3e-4"), ("sid", 3e-5, "sid-3e-5")]
+    assert len(params.runs()) == 10 and params.runs()[-1] == ("gdd_i", 3e-5, "gdd_i-3e-5")
 
 
 @pytest.mark.parametrize("edit,key,words", [
