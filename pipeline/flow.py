@@ -68,7 +68,8 @@ def commit_stage(root, name):
 class GPUPool:
     """Hands out disjoint GPU groups; with no GPUs every stage gets the CPU (an empty group)."""
 
-    def __init__(self, gpus, per_stage):
+    def __init__(self, gpus, per_stage, cpu_threads=None):
+        self.cpu_threads = cpu_threads  # CPU stages share the cores: oversubscribed OpenMP threads spin-wait
         self._free = queue.Queue()
         groups = [gpus[i:i + per_stage] for i in range(0, len(gpus) - per_stage + 1, per_stage)] if gpus else [[]]
         for group in groups:
@@ -116,6 +117,8 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         return {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
     with POOL.acquire() as group:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, group))}
+        if not group and POOL.cpu_threads:
+            env.setdefault("OMP_NUM_THREADS", str(POOL.cpu_threads))
         if parent_run_id:
             env["DISTILLERY_PARENT_RUN_ID"] = parent_run_id
         args = stage_command(name, cmd, group)
@@ -157,9 +160,10 @@ class StagesFailed(RuntimeError):
 
 
 @flow(name="distillery")
-def pipeline_flow(root: str, gpus: list[int], gpus_per_stage: int, retries: int, parent_run_id: str | None = None):
+def pipeline_flow(root: str, gpus: list[int], gpus_per_stage: int, retries: int, max_parallel: int,
+                  parent_run_id: str | None = None):
     global POOL
-    POOL = GPUPool(gpus, gpus_per_stage)
+    POOL = GPUPool(gpus, gpus_per_stage, cpu_threads=max(1, (os.cpu_count() or 1) // max_parallel))
     graph = stage_graph(root)
     futures = {}
     for name in topological(graph):
@@ -182,4 +186,5 @@ def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
     root = str(Path(root).resolve())
     runner = ThreadPoolTaskRunner(max_workers=max_parallel)
     with parent_run(root, "distillery run") as run_id:
-        return pipeline_flow.with_options(task_runner=runner)(root, list(gpus), gpus_per_stage, retries, run_id)
+        return pipeline_flow.with_options(task_runner=runner)(root, list(gpus), gpus_per_stage, retries, max_parallel,
+                                                              run_id)
