@@ -3,11 +3,10 @@ import math
 
 import torch
 
-from distillery.analytic import GaussianMixture
 from distillery.methods.diff_instruct import DiffInstruct, same_dropout_pair, train_mode
 from distillery.networks import build_network, edm_config
 from distillery.training import distill
-from toys import F64, AffineGenerator
+from toys import F64, AffineGenerator, MLPDenoiser, gaussian
 
 
 class FixedSamples(torch.nn.Module):
@@ -19,28 +18,6 @@ class FixedSamples(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         return self.x
-
-
-class MLPDenoiser(torch.nn.Module):
-    """A small random nonlinear denoiser D(x; sigma) in EDM form; records the mode of each call."""
-
-    def __init__(self, dim, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, dim)).to(F64)
-        self.modes = []
-
-    def forward(self, x, sigma, class_labels=None):
-        self.modes.append(self.training)
-        sigma = torch.as_tensor(sigma, dtype=F64).reshape(-1, 1).expand(x.shape[0], 1)
-        scale = (sigma ** 2 + 0.25).sqrt()
-        out = self.net(torch.cat([x / scale, sigma.log()], 1))
-        return 0.25 / scale ** 2 * x + 0.5 * sigma / scale * out
-
-
-def gaussian(mean, std):
-    return GaussianMixture(torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1),
-                           torch.ones(1, dtype=F64))
 
 
 def tiny_edm(dropout):

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from distillery.analytic import GaussianMixture
 from distillery.edm import edm_loss
 from distillery.methods import METHODS
 from distillery.methods.sid import SiD, sid_generator_loss, sid_loss_core, sid_sigmas
-from toys import F64, AffineGenerator
+from toys import F64, AffineGenerator, gaussian
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -20,11 +19,6 @@ class TinyDenoiser(torch.nn.Module):
         self.modes.append(self.training)
         c_skip = 0.25 / (sigma ** 2 + 0.25)
         return c_skip * x + self.lin(x / (sigma ** 2 + 0.25).sqrt())
-
-
-def gaussian(mean, std):
-    return GaussianMixture(torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1),
-                           torch.ones(1, dtype=F64))
 
 
 def exact_fake(generator):

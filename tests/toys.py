@@ -2,6 +2,8 @@
 
 import torch
 
+from distillery.analytic import GaussianMixture
+
 F64 = torch.float64
 
 
@@ -15,3 +17,26 @@ class AffineGenerator(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         return self.mu + self.log_s.exp() * x / sigma
+
+
+class MLPDenoiser(torch.nn.Module):
+    """A small random nonlinear denoiser D(x; sigma) in EDM form; records the mode of each call."""
+
+    def __init__(self, dim, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, dim)).to(F64)
+        self.modes = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.modes.append(self.training)
+        sigma = torch.as_tensor(sigma, dtype=F64).reshape(-1, 1).expand(x.shape[0], 1)
+        scale = (sigma ** 2 + 0.25).sqrt()
+        out = self.net(torch.cat([x / scale, sigma.log()], 1))
+        return 0.25 / scale ** 2 * x + 0.5 * sigma / scale * out
+
+
+def gaussian(mean, std):
+    """The exact denoiser of N(mean, std²I), as a one-component mixture."""
+    return GaussianMixture(torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1),
+                           torch.ones(1, dtype=F64))
