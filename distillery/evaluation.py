@@ -1,5 +1,7 @@
 """Sample-set metrics: FID, IS, KID against the data, and rel-FID against the teacher's samples."""
 
+import numpy as np
+
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics, inception_score, kid
 
 
@@ -17,3 +19,16 @@ def image_set_metrics(images_uint8, feature_net, reference_stats, reference_feat
     if teacher_stats is not None:
         metrics["rel_fid"] = fid_from_statistics(stats, teacher_stats)
     return metrics, stats
+
+
+def fid_only(images_uint8, feature_net, reference_stats, batch_size=500):
+    feats = extract_features(images_uint8, feature_net, batch_size=batch_size)
+    return fid_from_statistics(fid_statistics(feats[feature_net.fid_key]), reference_stats)
+
+
+def aggregate_fids(values, how):
+    """One FID from independent trials (ALGORITHMS.md §2.1): EDM's minimum, or SiD's mean with its spread
+    (standard deviation over trials, ddof = 1; 0 for a single trial)."""
+    values = [float(v) for v in values]
+    fid = min(values) if how == "min" else float(np.mean(values))
+    return {"fid": fid, "fid_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "fid_trials": values}

@@ -187,11 +187,16 @@ ARCHITECTURES = {
 }
 
 
+# ADM as retrained by EDM for ImageNet-64 (edm-imagenet-64x64-cond-adm.pkl, ALGORITHMS.md §1.4).
+ADM = dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
+           attn_resolutions=[32, 16, 8], augment_dim=0, dropout=0.1)
+
+
 def edm_config(arch, img_resolution, img_channels, label_dim=0, **overrides):
     """Constructor kwargs of EDMPrecond for an official architecture, with overrides (e.g. a small toy UNet)."""
-    config = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                  model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2], augment_dim=9,
-                  dropout=0.13, **ARCHITECTURES[arch])
+    preset = ADM if arch == "adm" else dict(model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2],
+                                            augment_dim=9, dropout=0.13, **ARCHITECTURES[arch])
+    config = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **preset)
     config.update(overrides)
     return config
 

@@ -137,7 +137,7 @@ def gather_to_rank0(obj):
 
 
 def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_kimg, ema_halflife_kimg,
-            ema_rampup_ratio, label_dim=0, real_images=None, real_labels=None, seed=0, shards=1,
+            ema_rampup_ratio, generator_betas=None, label_dim=0, real_images=None, real_labels=None, seed=0, shards=1,
             checkpoint_path=None, checkpoint_kimg=0, fingerprint="", monitor=None, monitor_kimg=0,
             on_progress=None):
     """One-step distillation: per iteration one auxiliary update (fake score or discriminator) and one
@@ -145,7 +145,8 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
 
     The global batch is split into `shards` micro-batches with their own RNG streams (ShardStreams);
     under torch.distributed each rank takes an equal share of them and gradients are all-reduced.
-    Rank 0 alone monitors, checkpoints and reports progress.
+    Rank 0 alone monitors, checkpoints and reports progress. `real_images` (float, or uint8 converted per batch)
+    and `real_labels` (class indices) are the data set of the methods that train against data (GDD).
     `monitor(ema) -> float` (e.g. a small-sample FID, lower is better) runs every `monitor_kimg` and
     at the end; the EMA weights with the lowest value are kept as the "best" snapshot.
     Returns (ema, best, history) with best = {value, kimg, ema state} and history = [(kimg, value), ...].
@@ -159,7 +160,7 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    opt_g, opt_aux = method.optimizers(generator, aux, lr, betas, eps)
+    opt_g, opt_aux = method.optimizers(generator, aux, lr, betas, eps, generator_betas)
     streams = ShardStreams(seed, shards, device)
     nimg, step, history, best = 0, 0, [], None
     state = resume_state(checkpoint_path, fingerprint)
@@ -175,7 +176,10 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
         real = None
         if real_images is not None:  # a data batch for the methods that train against data (GDD)
             idx = torch.randint(len(real_images), (micro,))
-            real = (real_images[idx].to(device), real_labels[idx].to(device) if real_labels is not None else None)
+            x = real_images[idx].to(device)
+            x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # data sets too big for float32 stay uint8
+            c_real = torch.eye(label_dim, device=device)[real_labels[idx].to(device)] if real_labels is not None else None
+            real = (x, c_real)
         return z, c, real
 
     def update(opt, module, loss_of):

@@ -38,11 +38,29 @@ class Download(Section):
 
 
 class DataParams(Section):
-    source: Literal["sklearn-digits", "cifar10"] = "sklearn-digits"  # cifar10: torchvision's download
+    """sklearn-digits: bundled 8×8 digits; cifar10: torchvision's download; edm-zip: a data set zip in the format of
+    EDM's dataset_tool.py (FFHQ, AFHQv2, ImageNet at 64×64), from `path` or a pinned `download`."""
+    source: Literal["sklearn-digits", "cifar10", "edm-zip"] = "sklearn-digits"
+    path: str | None = None
+    sha256: Sha256 | None = None  # pin for `path`: checked on read, and a new pin reruns the DAG (DVC sees params only)
+    download: Download | None = None
+    resolution: PosInt | None = None  # edm-zip: the images' size, checked when the zip is read
+
+    @model_validator(mode="after")
+    def zip_given(self):
+        if self.source == "edm-zip" and (self.path is None) == (self.download is None):
+            raise ValueError("data.source edm-zip needs exactly one of data.path or data.download")
+        if self.source == "edm-zip" and self.resolution is None:
+            raise ValueError("data.resolution is required when data.source is edm-zip")
+        return self
+
+    def shape(self):
+        """(resolution, channels) of the images, known before the data are read."""
+        return {"sklearn-digits": (8, 1), "cifar10": (32, 3)}.get(self.source, (self.resolution, 3))
 
 
 class NetworkParams(Section):
-    arch: Literal["ddpmpp", "ncsnpp"] = "ddpmpp"
+    arch: Literal["ddpmpp", "ncsnpp", "adm"] = "ddpmpp"  # SongUNet DDPM++ / NCSN++, or DhariwalUNet (ImageNet-64)
     model_channels: PosInt = 32
     channel_mult: list[PosInt] = Field(default=[1, 2], min_length=1)
     channel_mult_emb: PosInt = 4
@@ -89,6 +107,9 @@ class EvaluationParams(Section):
     reference: Literal["data", "edm-npz"] = "data"
     reference_download: Download | None = None
     num_samples: PosInt = 2000
+    # ALGORITHMS.md §2.1: trial k uses seeds [k·N, (k+1)·N); EDM reports the min of 3, SiD the mean ± std of 10
+    fid_trials: PosInt = 1
+    fid_aggregate: Literal["min", "mean"] = "min"
     batch: PosInt = 500
     teacher_steps: Annotated[int, Field(ge=2)] = 18
     kid_subset_size: PosInt = 500
@@ -139,27 +160,48 @@ class StudyParams(Section):
         return values
 
 
+Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+
+
+class MethodTraining(Section):
+    """One method's departures from the common `distill` settings (ALGORITHMS.md §3: GDD's 5 Mimg, SiD's
+    ImageNet-64 batch 8192 and 2 Mimg EMA, SiD's FFHQ-64 generator β₁ = 0.9); unset keys keep the common value."""
+    batch: PosInt | None = None
+    shards: PosInt | None = None
+    duration_kimg: PosFloat | None = None
+    adam_betas: Betas | None = None
+    generator_adam_betas: Betas | None = None  # the generator's own betas where they differ from the auxiliary net's
+    adam_eps: PosFloat | None = None
+    ema_halflife_kimg: PosFloat | None = None
+    ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
 class DistillParams(Section):
     batch: PosInt = 128
     shards: PosInt = 1  # micro-batches of the global batch, each with its own RNG stream (DDP ranks share them)
     duration_kimg: PosFloat = 80
-    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999)
+    adam_betas: Betas = (0.0, 0.999)
+    generator_adam_betas: Betas | None = None  # None: the generator uses adam_betas too
     adam_eps: PosFloat = 1e-8
     ema_halflife_kimg: PosFloat = 2
     ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
     checkpoint_kimg: PosFloat = 5
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
-    method_duration_kimg: dict[Literal[METHODS], PosFloat] = {}  # per-method lengths (GDD needs ~100× fewer images)
+    per_method: dict[Literal[METHODS], MethodTraining] = {}
 
-    def duration(self, method):
-        return self.method_duration_kimg.get(method, self.duration_kimg)
-
+    def for_method(self, method) -> "DistillParams":
+        """The settings `method` trains with: the common ones, overridden by `per_method[method]`."""
+        overrides = self.per_method.get(method, MethodTraining()).model_dump(exclude_none=True)
+        return DistillParams.model_validate({**self.model_dump(), **overrides, "per_method": {}})
 
     @model_validator(mode="after")
     def shards_divide_batch(self):
-        if self.batch % self.shards:
-            raise ValueError(f"batch {self.batch} is not divisible by shards {self.shards}")
+        for method, override in {None: MethodTraining(), **self.per_method}.items():
+            batch, shards = override.batch or self.batch, override.shards or self.shards
+            if batch % shards:
+                where = f"per_method.{method}: " if method else ""
+                raise ValueError(f"{where}batch {batch} is not divisible by shards {shards}")
         return self
 
 
@@ -168,6 +210,7 @@ class SiDParams(Section):
     sigma_init: PosFloat = 2.5
     t_max: Annotated[float, Field(gt=0, le=1000)] = 800
     loss_scale_g: PosFloat = 100
+    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
 
 
 class ReportParams(Section):
@@ -183,12 +226,14 @@ class SIMParams(Section):
     distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
     loss_scale_g: PosFloat = 1
     weight_power: Annotated[float, Field(ge=0)] = 2
+    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
 
 
 class DiffInstructParams(Section):
     """ALGORITHMS.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
     sigma_init: PosFloat = 1.0
     loss_scale_g: PosFloat = 1
+    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
 
 
 class GDDParams(Section):
@@ -198,7 +243,6 @@ class GDDParams(Section):
     sigma_init: PosFloat = 80
     r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
     r1_interval: PosInt = 16
-    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.99)
     d_lr_scale: PosFloat = 1.0
     encoder_sigma: PosFloat = 0.2
 
@@ -220,6 +264,15 @@ class Params(Section):
     report: ReportParams = ReportParams()
     preference: PreferenceParams = PreferenceParams()
 
+    @model_validator(mode="after")
+    def augmentation_has_labels(self):
+        # the augment labels feed the teacher's map_augment: EDM's 9-label layout (distillery/augment.py)
+        for m in ("sid", "sim", "diff_instruct"):
+            if m in self.study.methods and getattr(self, m).augment_p > 0 and self.teacher.network.augment_dim != 9:
+                raise ValueError(f"{m}.augment_p > 0 needs a teacher with EDM's augment labels "
+                                 f"(teacher.network.augment_dim 9, got {self.teacher.network.augment_dim})")
+        return self
+
     def runs(self):
         """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""
         return [(m, float(lr), f"{m}-{lr}") for m in self.study.methods for lr in self.study.lrs]
@@ -232,7 +285,7 @@ class ParamsError(Exception):
 def format_errors(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid parameters"]
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"] if p != "[key]") or "(top level)"  # a bad dict key names itself
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         lines.append(f"  {key}: {e['msg']}{got}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 # Published download sizes (MB) of files whose size is known before fetching them.
 KNOWN_SIZES_MB = {
@@ -41,6 +42,10 @@ def downloads(params):
     if params.data.source == "cifar10":
         rows.append(("CIFAR-10 training set (torchvision)", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                      KNOWN_SIZES_MB["cifar10"], "torchvision's md5"))
+    if params.data.source == "edm-zip":
+        where = params.data.download.url if params.data.download else f"local file {params.data.path}"
+        rows.append(("data set zip (EDM dataset_tool format)", where, None,
+                     pin_text(params.data.download) if params.data.download else "read in place"))
     if params.teacher.source == "url":
         rows.append(("EDM teacher", params.teacher.download.url, None, pin_text(params.teacher.download)))
     e = params.evaluation
@@ -56,6 +61,19 @@ def downloads(params):
     return rows
 
 
+# Images and classes of the data sets the profiles name (EDM's dataset zips: FFHQ and AFHQv2 unlabelled).
+KNOWN_DATASETS = {"cifar10": (50000, 10), "sklearn-digits": (1797, 10), "ffhq-64x64": (70000, 1),
+                  "afhqv2-64x64": (15803, 1), "imagenet-64x64": (1281167, 1000)}
+
+
+def known_dataset(params):
+    """(images, classes) of the profile's data set; a zip of another name counts as empty, labelled as ImageNet."""
+    d = params.data
+    if d.source != "edm-zip":
+        return KNOWN_DATASETS[d.source]
+    return KNOWN_DATASETS.get(Path(urlparse(d.download.url).path if d.download else d.path).stem, (0, 1000))
+
+
 def pin_text(spec):
     return f"sha256 {spec.sha256[:12]}…" if spec.sha256 else "sha256 recorded on first download"
 
@@ -64,8 +82,8 @@ def network(params):
     from distillery.networks import build_network, edm_config
 
     n = params.teacher.network
-    label_dim = 10 if n.label_conditional else 0
-    resolution, channels = (32, 3) if params.data.source == "cifar10" else (8, 1)
+    label_dim = known_dataset(params)[1] if n.label_conditional else 0
+    resolution, channels = params.data.shape()
     config = edm_config(n.arch, resolution, channels, label_dim=label_dim, model_channels=n.model_channels,
                         channel_mult=n.channel_mult, channel_mult_emb=n.channel_mult_emb, num_blocks=n.num_blocks,
                         attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
@@ -114,10 +132,10 @@ def estimate(params, micro_batch=None):
 
 
 def disk_gb(params, n_params):
-    res, ch = (32, 3) if params.data.source == "cifar10" else (8, 1)
+    res, ch = params.data.shape()
     image = res * res * ch  # bytes per uint8 image
     runs = len(params.runs())
-    dataset = (50000 if params.data.source == "cifar10" else 1797) * image
+    dataset = known_dataset(params)[0] * image
     samples = (runs + 1) * params.evaluation.num_samples * image
     networks = (1 + 2 * runs) * n_params * 4
     checkpoints = min(runs, 8) * 7 * n_params * 4  # G, aux, EMA and two Adam moments of the stages running at once
@@ -146,9 +164,10 @@ def print_plan(project_root, profile_path, params, measure=True):
     total = 0.0
     n_lrs = len(params.study.lrs)
     for method, seconds in per_image.items():
-        hours = seconds * params.distill.duration(method) * 1000 * n_lrs / 3600
+        kimg = params.distill.for_method(method).duration_kimg
+        hours = seconds * kimg * 1000 * n_lrs / 3600
         total += hours
-        print(f"  distill {method:<14} {1 / seconds:9.2f} images/s × {params.distill.duration(method):g} kimg × "
+        print(f"  distill {method:<14} {1 / seconds:9.2f} images/s × {kimg:g} kimg × "
               f"{n_lrs} lrs = {hours:12.1f} device-hours")
     sampling = heun_per_sample * params.evaluation.num_samples / 3600
     total += sampling

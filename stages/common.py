@@ -8,8 +8,9 @@ from PIL import Image
 
 from pipeline.io import atomic_path
 
+from distillery.evaluation import aggregate_fids, fid_only, image_set_metrics
 from distillery.metrics import FeatureNet, load_stats_npz
-from distillery.sampling import image_grid
+from distillery.sampling import generate, image_grid
 
 REFERENCE_STATS = "stats/reference.npz"
 REFERENCE_FEATURES = "stats/reference_features.npz"
@@ -28,8 +29,36 @@ def feature_net(params):
     return FeatureNet(extractor=e.feature_extractor, weights_path=e.feature_weights)
 
 
-def protocol(params, feature, num_samples, reference_path=REFERENCE_STATS):
+def seed_blocks(params):
+    """The seeds of each FID trial: trial k draws seeds [k·N, (k+1)·N) (ALGORITHMS.md §2.1)."""
+    n = params.evaluation.num_samples
+    return [list(range(k * n, (k + 1) * n)) for k in range(params.evaluation.fid_trials)]
+
+
+def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
+    """Metrics of a sampler under the profile's protocol: FID aggregated over the seed blocks; IS, KID, rel-FID
+    and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics)."""
+    e, features = params.evaluation, feature_net(params)
+    ref_stats, ref_features = reference()
+    fids, first = [], None
+    for seeds in seed_blocks(params):
+        samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
+        if first is None:
+            first = samples
+            metrics, stats = image_set_metrics(samples.images, features, ref_stats, ref_features,
+                                               kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets,
+                                               is_splits=e.is_splits, teacher_stats=teacher_stats, batch_size=e.batch)
+            fids.append(metrics["fid"])
+        else:
+            fids.append(fid_only(samples.images, features, ref_stats, batch_size=e.batch))
+    metrics.update(aggregate_fids(fids, e.fid_aggregate), images_per_s=len(first.images) / first.seconds,
+                   nonfinite_images=first.nonfinite)
+    return metrics, first, stats
+
+
+def protocol(params, feature, reference_path=REFERENCE_STATS):
     """What an FID number depends on; the report refuses to put FIDs of different protocols in one column."""
+    e = params.evaluation
     weights = feature.weights_path
     files = sorted(Path(weights).rglob("*")) if weights and Path(weights).is_dir() else [Path(weights)] if weights else []
     h = hashlib.sha256()
@@ -37,7 +66,8 @@ def protocol(params, feature, num_samples, reference_path=REFERENCE_STATS):
         if f.is_file():
             h.update(f.read_bytes())
     return {"extractor": feature.extractor, "weights_sha256": h.hexdigest() if files else "torch-fidelity default",
-            "num_samples": num_samples, "seeds": f"0-{num_samples - 1}",
+            "num_samples": e.num_samples, "seeds": f"0-{e.num_samples * e.fid_trials - 1}",
+            "trials": e.fid_trials, "aggregate": e.fid_aggregate,
             "reference_sha256": hashlib.sha256(Path(reference_path).read_bytes()).hexdigest()}
 
 

@@ -60,7 +60,8 @@ def fid_monitor(params, method, teacher, dev):
 
 def write_outputs(name, method_name, lr_text, lr, method, d, ema, best, history, config, seconds):
     out_dir, curve_path, metrics_path = run_paths(name)
-    meta = {"method": method_name, "lr": lr, "sigma_init": method.sigma_init, "kimg": d.duration(method_name),
+    meta = {"method": method_name, "lr": lr, "sigma_init": method.sigma_init, "kimg": d.duration_kimg,
+            "batch": d.batch,
             "best_kimg": best["kimg"], "best_monitor_fid": best["value"]}
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_network(tmp, ema, config, name="last", meta=meta)
@@ -73,7 +74,7 @@ def write_outputs(name, method_name, lr_text, lr, method, d, ema, best, history,
             writer.writerow(["kimg", "fid", "method", "lr"])
             writer.writerows([(f"{k:g}", f"{v:.6g}", method_name, lr_text) for k, v in history])
     summary = {**meta, "final_monitor_fid": history[-1][1], "train_seconds": round(seconds, 1),
-               "kimg_per_s": d.duration(method_name) / seconds, "monitor_samples": d.monitor_samples,
+               "kimg_per_s": d.duration_kimg / seconds, "monitor_samples": d.monitor_samples,
                "diverged": not all(v < float("inf") for _, v in history)}
     write_json(metrics_path, summary)
     return summary
@@ -86,7 +87,7 @@ def main():
     runs = {run: lr for _, lr, run in params.runs()}
     if name not in runs:
         raise SystemExit(f"distill: {name} is not a run of study.methods × study.lrs ({', '.join(runs)})")
-    lr, d = runs[name], params.distill
+    lr, d = runs[name], params.distill.for_method(args.method)
     method_params = getattr(params, args.method)
     method = METHODS[args.method](**method_params.model_dump())
 
@@ -98,14 +99,14 @@ def main():
         aux = method.make_aux(teacher)
         real_images = real_labels = None
         if method.needs_real_data:
-            images, labels, num_classes = load_dataset(DATASET)
+            images, labels, _ = load_dataset(DATASET, keep_uint8=True)
             real_images = torch.from_numpy(images)
-            real_labels = torch.eye(num_classes)[torch.from_numpy(labels)] if teacher.label_dim else None
+            real_labels = torch.from_numpy(labels) if teacher.label_dim else None
 
         tags = {"method": args.method, "lr": args.lr, "batch": d.batch, "seed": params.seed}
         tracking = stage_run(f"distill@{name}", params.model_dump(), tags=tags) if rank == 0 else contextlib.nullcontext()
         with tracking as run:
-            bar = kimg_bar(d.duration(args.method), f"distill {name}") if rank == 0 else None
+            bar = kimg_bar(d.duration_kimg, f"distill {name}") if rank == 0 else None
             logged = [0]
             monitor = fid_monitor(params, method, teacher, dev)
 
@@ -126,7 +127,7 @@ def main():
             start = time.perf_counter()
             ema, best, history = distill(
                 method, teacher if method.needs_teacher else None, generator, aux, batch=d.batch, lr=lr,
-                betas=d.adam_betas, eps=d.adam_eps, duration_kimg=d.duration(args.method),
+                betas=d.adam_betas, generator_betas=d.generator_adam_betas, eps=d.adam_eps, duration_kimg=d.duration_kimg,
                 ema_halflife_kimg=d.ema_halflife_kimg, ema_rampup_ratio=d.ema_rampup_ratio,
                 label_dim=teacher.label_dim, real_images=real_images, real_labels=real_labels,
                 seed=params.seed, shards=d.shards, checkpoint_path=ckpt, checkpoint_kimg=d.checkpoint_kimg,

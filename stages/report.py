@@ -12,8 +12,8 @@ from pipeline.params import load_params_or_exit
 from pipeline.published import published_rows
 
 METHOD_NAMES = {"sid": "SiD", "sim": "SIM", "diff_instruct": "Diff-Instruct", "gdd": "GDD", "gdd_i": "GDD-I"}
-COLUMNS = ["method", "lr", "NFE", "FID", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint", "FID (last)",
-           "status"]
+COLUMNS = ["method", "lr", "batch", "NFE", "FID", "FID std", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint",
+           "FID (last)", "status"]
 FIGURE = "reports/lr_robustness.png"
 
 
@@ -22,7 +22,8 @@ def read_json(path):
 
 
 def teacher_row(m):
-    return {"method": f"teacher (EDM Heun, {m['steps']} steps)", "lr": None, "NFE": m["nfe"], "FID": m["fid"],
+    return {"method": f"teacher (EDM Heun, {m['steps']} steps)", "lr": None, "batch": None, "NFE": m["nfe"],
+            "FID": m["fid"], "FID std": m["fid_std"],
             "IS": m["is"], "KID": m["kid"], "rel-FID": 0.0, "images/s": m["images_per_s"], "kimg": None,
             "checkpoint": "ema", "FID (last)": None, "status": ""}
 
@@ -35,7 +36,8 @@ def status(train, evaluation, factor):
 
 
 def student_row(m, train, factor):
-    return {"method": METHOD_NAMES.get(m["method"], m["method"]), "lr": m["lr"], "NFE": m["nfe"], "FID": m["fid"],
+    return {"method": METHOD_NAMES.get(m["method"], m["method"]), "lr": m["lr"], "batch": train["batch"],
+            "NFE": m["nfe"], "FID": m["fid"], "FID std": m["fid_std"],
             "IS": m["is"], "KID": m["kid"], "rel-FID": m["rel_fid"], "images/s": m["images_per_s"],
             "kimg": m["kimg"], "checkpoint": f"best @ {m['best_kimg']:g} kimg", "FID (last)": m["fid_last"],
             "status": status(train, m, factor)}
@@ -76,18 +78,26 @@ def lr_robustness_figure(params, path):
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"FID ({params.distill.monitor_samples} samples)")
     axes[0][-1].legend()
-    fig.suptitle(f"Learning-rate robustness — profile {params.profile}, batch {params.distill.batch}")
+    fig.suptitle(f"Learning-rate robustness — profile {params.profile}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def formatted(table):
+def cell(value, fmt):
+    if isinstance(value, str):
+        return value
+    return "" if pd.isna(value) else fmt.format(value)
+
+
+def formatted(table, protocol):
     shown = table.copy()
-    shown["lr"] = shown["lr"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
-    for col, fmt in [("FID", "{:.3f}"), ("FID (last)", "{:.3f}"), ("IS", "{:.2f}"), ("KID", "{:.4g}"),
-                     ("rel-FID", "{:.3f}"), ("images/s", "{:.0f}"), ("kimg", "{:g}")]:
-        shown[col] = shown[col].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
+    if protocol["trials"] > 1 and protocol["aggregate"] == "mean":  # SiD's protocol: mean ± std over trials
+        shown["FID"] = [f"{f:.3f} ± {s:.3f}" for f, s in zip(shown["FID"], shown["FID std"])]
+    shown = shown.drop(columns="FID std")
+    for col, fmt in [("lr", "{:g}"), ("FID", "{:.3f}"), ("FID (last)", "{:.3f}"), ("IS", "{:.2f}"), ("KID", "{:.4g}"),
+                     ("rel-FID", "{:.3f}"), ("images/s", "{:.0f}"), ("kimg", "{:g}"), ("batch", "{:.0f}")]:
+        shown[col] = shown[col].map(lambda v, fmt=fmt: cell(v, fmt))
     return shown.to_markdown(index=False)
 
 
@@ -100,6 +110,15 @@ def published_section(profile):
             "and abstracts, not produced by this pipeline):", "", pd.DataFrame(rows).to_markdown(index=False)]
 
 
+def fid_protocol_text(protocol):
+    n, trials = protocol["num_samples"], protocol["trials"]
+    if trials == 1:
+        return f"{n} samples from seeds {protocol['seeds']}"
+    blocks = ", ".join(f"{k * n}–{(k + 1) * n - 1}" for k in range(trials))
+    how = "the minimum (EDM)" if protocol["aggregate"] == "min" else "the mean ± standard deviation (SiD)"
+    return f"{trials} trials of {n} samples (seeds {blocks}), reported as {how}"
+
+
 def markdown(table, params, teacher, n_real, protocol):
     e, d = params.evaluation, params.distill
     against = f"{n_real} real images" if n_real else "the published reference statistics"
@@ -107,16 +126,16 @@ def markdown(table, params, teacher, n_real, protocol):
     return "\n".join([
         f"# Results — profile `{params.profile}`",
         "",
-        formatted(table),
+        formatted(table, protocol),
         "",
-        f"FID protocol: {protocol['num_samples']} samples from seeds {protocol['seeds']}, uint8 round trip, "
+        f"FID protocol: {fid_protocol_text(protocol)}, uint8 round trip, "
         f"`{protocol['extractor']}` features through torch-fidelity (weights sha256 "
         f"{protocol['weights_sha256'][:12]}), against {against} (sha256 {protocol['reference_sha256'][:12]})"
         + (" — the toy's own feature network: not comparable with Inception FIDs" if protocol["extractor"] ==
            "distillery-digits" else "") +
         f"; IS over {e.is_splits} splits; KID with subsets of {e.kid_subset_size}. rel-FID: FID against the "
         f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
-        f"Students: every run distils at batch {d.batch} for the kimg of its row. The EMA generator with the "
+        f"Students: every run distils at the batch and for the kimg of its row. The EMA generator with the "
         f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
         f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
         f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "

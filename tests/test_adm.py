@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distillery.checkpoint import load_network, save_network
-from distillery.networks import build_network
+from distillery.networks import build_network, edm_config
 
 KEYS_FILE = Path(__file__).parent / "data" / "edm_checkpoint_keys.txt"
 SECTION = "edm-imagenet-64x64-cond-adm"
@@ -42,6 +42,10 @@ def test_imagenet_adm_names_shapes_and_count_equal_official():
     assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == keys
     assert sum(p.numel() for p in net.parameters()) == n_params
     assert net.use_fp16 and type(net.model).__name__ == "DhariwalUNet"
+    # the `adm` architecture preset of the profiles gives the same network
+    with torch.device("meta"):
+        preset = build_network(edm_config("adm", 64, 3, label_dim=1000, use_fp16=True))
+    assert [(k, tuple(v.shape)) for k, v in preset.state_dict().items()] == keys
 
 
 def tiny_adm(label_dim=5, augment_dim=9):

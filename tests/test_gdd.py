@@ -156,19 +156,20 @@ def test_r1_equals_the_closed_form_for_a_linear_discriminator_and_only_on_due_st
     assert torch.allclose(grad, 16 * gamma * w)
 
 
-def test_optimizers_use_gdd_betas_and_the_lazy_regularisation_correction():
+def test_optimizers_apply_the_lazy_regularisation_correction_to_d_only():
     teacher = tiny_teacher()
     method = GDDI()
     generator, disc = copy.deepcopy(teacher).requires_grad_(True), method.make_aux(teacher)
-    opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.0, 0.99), eps=1e-8)
     (g,), (d,) = opt_g.param_groups, opt_d.param_groups
     assert g["lr"] == 1e-4 and g["betas"] == (0.0, 0.99) and g["eps"] == 1e-8
     assert d["lr"] == pytest.approx(1e-4 * 16 / 17) and d["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17)))
     assert {id(p) for p in d["params"]} == {id(p) for p in disc.heads.parameters()}
     assert len(g["params"]) == len(gdd_i_trainable(generator.named_parameters())) < len(list(generator.parameters()))
-    # adam_betas=None keeps the loop's betas
-    opt_g, _ = GDD(adam_betas=None).optimizers(generator, disc, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    # the generator's own betas, where given, leave D's untouched
+    opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.0, 0.99), eps=1e-8, generator_betas=(0.9, 0.999))
     assert opt_g.param_groups[0]["betas"] == (0.9, 0.999)
+    assert opt_d.param_groups[0]["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17)))
 
 
 def test_teacher_encoder_discriminator_heads_on_every_encoder_resolution():

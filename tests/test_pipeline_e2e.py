@@ -2,6 +2,7 @@
 and an edited learning rate rerunning only its own stages."""
 
 import io
+import json
 import re
 import sys
 import time
@@ -35,8 +36,16 @@ def test_repro_builds_the_results_table(repo):
     assert (students["NFE"] == 1).all()
     for col in ["FID", "IS", "KID", "rel-FID", "images/s"]:
         assert table[col].notna().all() and (table[col].iloc[1:] > 0).all(), col
+    assert (students["batch"] == 16).all()  # distill.per_method.sid overrides the common batch of 32
+    # the micro profile's FID is SiD's protocol: mean ± std over 2 seed blocks
+    for name in ["teacher_samples", "eval/sid-1e-4"]:
+        m = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert len(m["fid_trials"]) == 2 and m["fid_trials"][0] != m["fid_trials"][1]
+        assert m["fid"] == pytest.approx(sum(m["fid_trials"]) / 2) and m["fid_std"] > 0
+        assert m["protocol"]["seeds"] == "0-399" and m["protocol"]["aggregate"] == "mean"
     md = (repo / "reports" / "results.md").read_text()
-    assert "| SiD" in md and "teacher" in md and "FID protocol" in md
+    assert "| SiD" in md and "teacher" in md and "FID protocol: 2 trials of 200 samples (seeds 0–199, 200–399)" in md
+    assert re.search(r"\| SiD +\| +0\.0001 +\| +16 +\| +1 +\| +\d+\.\d{3} ± \d+\.\d{3}", md)
     for name in ["teacher", "sid-1e-4", "sid-3e-5"]:
         assert (repo / "reports" / "grids" / f"{name}.png").stat().st_size > 0
     assert (repo / "preference" / "teacher-vs-sid-1e-4" / "study" / "index.html").exists()
@@ -67,7 +76,7 @@ def test_every_stage_is_an_mlflow_run_with_tags(repo):
     distill = runs[runs["tags.dvc_stage"] == "distill@sid-1e-4"].iloc[0]
     assert distill["tags.method"] == distill["params.method"] == "sid"
     assert distill["tags.lr"] == distill["params.lr"] == "1e-4"
-    assert distill["params.batch"] == "32" and distill["params.seed"] == "0"
+    assert distill["params.batch"] == "16" and distill["params.seed"] == "0"
     assert len(str(distill["tags.git_commit"])) == 40
 
 

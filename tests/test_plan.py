@@ -4,10 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, sh
 
 from pipeline.params import load_params
-from pipeline.plan import dag, disk_gb, downloads
+from pipeline.plan import dag, disk_gb, downloads, network
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 
@@ -19,6 +20,29 @@ def test_plan_of_a_cifar10_profile_runs_offline(profile):
     assert "distill@sid-1e-5" in out and "evaluate@gdd_i-1e-4" in out and "report" in out
     vp = "cond-vp" if profile == "cifar10-cond" else "uncond-vp"
     assert f"edm-cifar10-32x32-{vp}.pkl" in out and "cifar10-32x32.npz" in out
+
+
+@pytest.mark.parametrize("profile,teacher,lrs", [
+    ("ffhq-64", "edm-ffhq-64x64-uncond-vp.pkl", ["1e-5", "2e-5"]),
+    ("afhqv2-64", "edm-afhqv2-64x64-uncond-vp.pkl", ["5e-6", "2e-5"]),
+    ("imagenet-64", "edm-imagenet-64x64-cond-adm.pkl", ["4e-6", "8e-6"]),
+])
+def test_plan_of_a_64px_profile_runs_offline(profile, teacher, lrs):
+    out = sh([DISTILLERY, "plan", "--profile", profile, "--no-measure"], ROOT).stdout
+    assert f"profile {profile}" in out and "valid" in out
+    assert f"distill@sid-{lrs[0]}" in out and f"evaluate@gdd_i-{lrs[1]}" in out
+    name = profile.replace("-64", "-64x64")
+    assert teacher in out and f"fid-refs/{name}.npz" in out and f"local file datasets/{name}.zip" in out
+
+
+@pytest.mark.parametrize("profile,n_params", [
+    ("cifar10-uncond", 55_733_891), ("cifar10-cond", 55_735_299), ("ffhq-64", 61_805_571),
+    ("afhqv2-64", 61_805_571), ("imagenet-64", 295_899_267)])
+def test_each_profile_describes_its_official_teacher(profile, n_params):
+    # parameter counts of the official checkpoints, ALGORITHMS.md §1.4 (the meta device allocates nothing)
+    with torch.device("meta"):
+        net = network(load_params(ROOT / "profiles" / f"{profile}.yaml"))
+    assert sum(p.numel() for p in net.parameters()) == n_params
 
 
 def test_dag_is_dvcs_own_rendering_of_the_profile():

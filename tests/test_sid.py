@@ -182,3 +182,23 @@ def test_non_finite_samples_are_dropped_from_both_losses():
 
 def test_sid_is_registered():
     assert METHODS['sid'] is SiD
+
+
+def test_fake_score_loss_sees_augmented_samples_with_their_labels():
+    # §3.1: SiD's fake-score loss runs EDM's augmentation on the generator samples and feeds the 9 augment labels
+    # to the fake net, so only then does the fake net's map_augment layer get a gradient
+    from distillery.networks import build_network, edm_config
+
+    torch.manual_seed(0)
+    teacher = build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                                       attn_resolutions=[4], augment_dim=9, dropout=0.0))
+    z = torch.randn(16, 1, 8, 8)
+    grads = {}
+    for p in (0.0, 0.5):
+        method = SiD(augment_p=p)
+        generator, fake = method.make_generator(teacher), method.make_aux(teacher)
+        torch.manual_seed(1)
+        method.aux_loss(generator, fake, z).backward()
+        grads[p] = fake.model.map_augment.weight.grad
+    assert grads[0.0] is None or grads[0.0].abs().max() == 0
+    assert grads[0.5].abs().max() > 0

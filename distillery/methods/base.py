@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from distillery.augment import AugmentPipe
 from distillery.edm import broadcast_per_sample, edm_loss
 from distillery.layers import UNetBlock
 
@@ -66,8 +67,10 @@ class DistillationMethod:
         """The generator parameters the optimiser updates (GDD-I freezes most convolutions)."""
         return list(generator.parameters())
 
-    def optimizers(self, generator, aux, lr, betas, eps):
-        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(betas), eps=eps)
+    def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
+        """Adam for both networks; `generator_betas` where G's differ (SiD's FFHQ-64 generator uses β₁ = 0.9)."""
+        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas),
+                                 eps=eps)
         opt_aux = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), eps=eps)
         return opt_g, opt_aux
 
@@ -87,17 +90,19 @@ class FakeScoreMethod(DistillationMethod):
     """Score-based methods: the auxiliary network is a fake denoiser D_ψ of the generator's samples,
     initialised from the teacher and trained with the EDM loss (ALGORITHMS.md §3, shared fake-score update)."""
 
-    def __init__(self, sigma_init=2.5, sigma_data=0.5, P_mean=-1.2, P_std=1.2):
+    def __init__(self, sigma_init=2.5, sigma_data=0.5, P_mean=-1.2, P_std=1.2, augment_p=0.0):
         self.sigma_init = sigma_init
         self.sigma_data = sigma_data
         self.P_mean = P_mean
         self.P_std = P_std
+        # SiD's fake-score loss sees EDM's augmented generator samples, with the augment labels (§3.1)
+        self.augment = AugmentPipe.edm(augment_p) if augment_p > 0 else None
 
     def make_aux(self, teacher):
         return copy.deepcopy(teacher).train().requires_grad_(True)
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
-        """EDM loss of the fake net on detached generator samples, summed / batch."""
+        """EDM loss of the fake net on detached (and, with augment_p > 0, augmented) generator samples, summed / batch."""
         with torch.no_grad():
             x_g = self.generate(generator, z, class_labels)
         keep = finite_rows(x_g)
@@ -105,7 +110,11 @@ class FakeScoreMethod(DistillationMethod):
         class_labels = None if class_labels is None else class_labels[keep]
         if isinstance(aux, torch.nn.Module):
             aux.train()
-        loss = edm_loss(aux, x_g, class_labels, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data)
+        augment_labels = None
+        if self.augment is not None:
+            x_g, augment_labels = self.augment(x_g)
+        loss = edm_loss(aux, x_g, class_labels, augment_labels, P_mean=self.P_mean, P_std=self.P_std,
+                        sigma_data=self.sigma_data)
         return loss.sum() / z.shape[0]
 
     def denoise_pair(self, teacher, fake, x_t, sigma, class_labels):

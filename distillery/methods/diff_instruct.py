@@ -56,8 +56,8 @@ def diff_instruct_loss(x_g, d_teacher, d_fake):
 class DiffInstruct(FakeScoreMethod):
     """Diff-Instruct generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
-    def __init__(self, sigma_init=1.0, sigma_data=0.5, P_mean=-1.2, P_std=1.2, loss_scale_g=1):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std)
+    def __init__(self, sigma_init=1.0, sigma_data=0.5, P_mean=-1.2, P_std=1.2, loss_scale_g=1, augment_p=0.0):
+        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
         self.loss_scale_g = loss_scale_g
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):

@@ -49,7 +49,6 @@ class GDD(DistillationMethod):
     discriminator: "teacher_encoder" (offline: heads on a frozen teacher-encoder copy evaluated at
     `encoder_sigma`) or "projected" (GDD's: frozen torchvision `backbones` with `backbone_weights`,
     inputs upsampled to `resolution`). R1 (γ = r1_gamma) on real images every `r1_interval` steps.
-    adam_betas: GDD's generator betas, used instead of the loop's (None: the loop's).
     d_lr_scale: D lr / G lr before the lazy-regularisation correction (1 for CIFAR-10, §3.3).
     """
 
@@ -59,8 +58,7 @@ class GDD(DistillationMethod):
     generator_first = True
     generator_dropout = 0.0
 
-    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, adam_betas=(0.0, 0.99),
-                 d_lr_scale=1.0, sigma_init=80, encoder_sigma=0.2, head_channels=64, cmap_dim=64,
+    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, d_lr_scale=1.0, sigma_init=80, encoder_sigma=0.2, head_channels=64, cmap_dim=64,
                  backbones=("vgg16_bn", "efficientnet_b0"), backbone_weights="DEFAULT", resolution=224,
                  proj_channels=64):
         if discriminator not in DISCRIMINATORS:
@@ -70,7 +68,6 @@ class GDD(DistillationMethod):
         self.discriminator = discriminator
         self.r1_gamma = r1_gamma
         self.r1_interval = r1_interval
-        self.adam_betas = adam_betas
         self.d_lr_scale = d_lr_scale
         self.sigma_init = sigma_init
         self.encoder_sigma = encoder_sigma
@@ -93,12 +90,12 @@ class GDD(DistillationMethod):
                                           cmap_dim=self.cmap_dim)
         return disc.to(next(teacher.parameters()).device)
 
-    def optimizers(self, generator, aux, lr, betas, eps):
-        """G: Adam(lr, adam_betas, eps). D: StyleGAN2's lazy-regularisation correction with
-        k = r1_interval/(r1_interval + 1): lr·d_lr_scale·k and β^k (= (0, 0.99^(16/17)) by default, §3.3)."""
-        betas = tuple(betas if self.adam_betas is None else self.adam_betas)
+    def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
+        """G: Adam(lr, generator_betas or betas, eps). D: StyleGAN2's lazy-regularisation correction with
+        k = r1_interval/(r1_interval + 1): lr·d_lr_scale·k and β^k (GDD's (0, 0.99) give (0, 0.99^(16/17)), §3.3)."""
         k = self.r1_interval / (self.r1_interval + 1)
-        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=betas, eps=eps)
+        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas),
+                                 eps=eps)
         opt_d = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr * self.d_lr_scale * k,
                                  betas=tuple(b ** k for b in betas), eps=eps)
         return opt_g, opt_d

@@ -30,8 +30,8 @@ class SiD(FakeScoreMethod):
     """SiD generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
     def __init__(self, alpha=1.2, sigma_init=2.5, t_max=800, sigma_data=0.5, P_mean=-1.2, P_std=1.2,
-                 loss_scale_g=100):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std)
+                 loss_scale_g=100, augment_p=0.0):
+        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
         self.alpha = alpha
         self.t_max = t_max
         self.loss_scale_g = loss_scale_g

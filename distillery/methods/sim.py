@@ -70,8 +70,8 @@ class SIM(FakeScoreMethod):
     """SIM generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
     def __init__(self, sigma_init=2.5, c=0.4, t_max=800, distance='pseudo_huber', sigma_data=0.5, P_mean=-1.2,
-                 P_std=1.2, loss_scale_g=1, weight_power=2):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std)
+                 P_std=1.2, loss_scale_g=1, weight_power=2, augment_p=0.0):
+        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
         if distance not in DISTANCES:
             raise ValueError(f'distance must be one of {DISTANCES}, not {distance!r}')
         if distance == 'pseudo_huber' and not c > 0:
