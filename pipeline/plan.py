@@ -160,17 +160,20 @@ def print_plan(project_root, profile_path, params, measure=True):
     for what, size in sizes.items():
         print(f"  {what:<42} {size / gb:8.2f} GB")
     print(f"  {'total':<42} {sum(sizes.values()) / gb:8.2f} GB")
-    print(f"\nCompute on this device ({dev.type}; timed here with the profile's network):")
+    print(f"\nCompute on this device ({dev.type}; timed here with the profile's network), device-hours:")
     total = 0.0
     n_lrs = len(params.study.lrs)
     for method, seconds in per_image.items():
         kimg = params.distill.for_method(method).duration_kimg
         hours = seconds * kimg * 1000 * n_lrs / 3600
         total += hours
-        print(f"  distill {method:<14} {1 / seconds:9.2f} images/s × {kimg:g} kimg × "
-              f"{n_lrs} lrs = {hours:12.1f} device-hours")
-    sampling = heun_per_sample * params.evaluation.num_samples / 3600
-    total += sampling
-    print(f"  teacher samples ({params.evaluation.num_samples} × NFE {2 * params.evaluation.teacher_steps - 1})"
-          f"{'':<10}= {sampling:12.1f} device-hours")
-    print(f"  total{'':<53}≈ {total:12.1f} device-hours (split over --gpus; FID feature extraction not included)")
+        print(f"  {f'distill {method}: {1 / seconds:.2f} images/s × {kimg:g} kimg × {n_lrs} lrs':<62} {hours:12.1f}")
+    e = params.evaluation
+    nfe, samples = 2 * e.teacher_steps - 1, e.num_samples * e.fid_trials
+    sampling = heun_per_sample * samples / 3600
+    # students: best and last checkpoint of every run, one denoiser call per sample
+    students = heun_per_sample / nfe * samples * 2 * len(params.runs()) / 3600
+    total += sampling + students
+    print(f"  {f'teacher samples: {samples} × NFE {nfe}':<62} {sampling:12.1f}")
+    print(f"  {f'student samples: {samples} × 2 checkpoints × {len(params.runs())} runs':<62} {students:12.1f}")
+    print(f"  {'total device-hours (split over --gpus; FID features not included)':<62} {total:12.1f}")

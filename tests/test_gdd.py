@@ -56,6 +56,20 @@ def tiny_teacher():
                                     attn_resolutions=[4], augment_dim=0, dropout=0.0)).eval().requires_grad_(False)
 
 
+@pytest.mark.parametrize("arch,kwargs,total_m,kept_m,frozen_pct", [
+    ("ncsnpp", dict(channel_mult=[1, 2, 2, 2]), 62.76, 10.15, 83.8),            # FFHQ / AFHQv2 64×64
+    ("adm", dict(label_dim=1000, use_fp16=True), 295.90, 62.83, 78.8),         # ImageNet 64×64
+])
+def test_gdd_i_frozen_fraction_of_the_64px_generators(arch, kwargs, total_m, kept_m, frozen_pct):
+    # §3.3, computed there by instantiating the official classes; the meta device allocates nothing
+    with torch.device("meta"):
+        net = build_network(edm_config(arch, 64, 3, **kwargs))
+    total = sum(p.numel() for p in net.parameters())
+    kept = sum(p.numel() for _, p in gdd_i_trainable(net.named_parameters()))
+    assert (round(total / 1e6, 2), round(kept / 1e6, 2)) == (total_m, kept_m)
+    assert round(100 * (1 - kept / total), 1) == frozen_pct
+
+
 def test_gdd_i_freezes_84_percent_of_the_cifar10_ncsnpp_generator():
     # The official CIFAR-10 NCSN++ configuration, with its 9-dim augment map (unused by GDD, trainable by the rule).
     torch.manual_seed(0)

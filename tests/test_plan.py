@@ -1,5 +1,6 @@
 """`distillery plan` validates a profile and prints its DAG, downloads, disk and compute, offline."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -67,3 +68,12 @@ def test_a_bad_profile_is_refused_naming_the_key(tmp_path):
     (tmp_path / "bad.yaml").write_text(bad)
     result = sh([DISTILLERY, "plan", "--profile", str(tmp_path / "bad.yaml"), "--no-measure"], ROOT, check=False)
     assert result.returncode == 2 and "evaluation.num_samples" in result.stderr
+
+
+def test_the_measured_plan_times_each_method_and_counts_the_fid_trials():
+    out = sh([DISTILLERY, "plan", "--profile", str(ROOT / "profiles" / "micro.yaml")], ROOT).stdout
+    rate = re.search(r"distill sid: ([\d.]+) images/s × 0.128 kimg × 2 lrs", out)
+    assert rate and float(rate.group(1)) > 0
+    # micro: 200 samples × 2 trials; teacher Heun with 4 steps (NFE 7); best and last of 2 runs
+    assert "teacher samples: 400 × NFE 7" in out and "student samples: 400 × 2 checkpoints × 2 runs" in out
+    assert re.search(r"total device-hours .* +\d+\.\d", out) and "sample sets" in out
