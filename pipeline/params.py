@@ -21,6 +21,8 @@ PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 METHODS = ("sid", "sim", "diff_instruct", "gdd", "gdd_i")
+# the projected discriminator's feature networks (distillery.discriminators.BACKBONES, without importing torch)
+BACKBONES = ("vgg16_bn", "efficientnet_b0", "tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
 
 
 class Section(BaseModel):
@@ -238,8 +240,10 @@ class DiffInstructParams(Section):
 
 class GDDParams(Section):
     """ALGORITHMS.md §3.3. `teacher_encoder` is the offline discriminator (frozen teacher encoder + heads);
-    `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision)."""
+    `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision / timm)."""
     discriminator: Literal["teacher_encoder", "projected"] = "teacher_encoder"
+    # projected: GDD's CIFAR-10 pair; at 64×64 GDD uses [deit_base_distilled_patch16_224, tf_efficientnet_lite0]
+    backbones: list[Literal[BACKBONES]] = Field(default=["vgg16_bn", "tf_efficientnet_lite0"], min_length=1)
     sigma_init: PosFloat = 80
     r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
     r1_interval: PosInt = 16

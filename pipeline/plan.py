@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 KNOWN_SIZES_MB = {
     "cifar10": 163,  # cifar-10-python.tar.gz (torchvision)
     "inception-v3-compat": 91,  # torch-fidelity's weights-inception-2015-12-05
-    "vgg16_bn": 528, "efficientnet_b0": 21,  # torchvision ImageNet weights (projected discriminator)
+    # ImageNet weights of the projected discriminator's backbones (torchvision's files; timm's: fp32 parameters)
+    "vgg16_bn": 528, "efficientnet_b0": 21, "tf_efficientnet_lite0": 19, "deit_base_distilled_patch16_224": 349,
 }
 
 
@@ -54,10 +55,11 @@ def downloads(params):
                      KNOWN_SIZES_MB["inception-v3-compat"], "torch-fidelity's"))
     if e.reference == "edm-npz":
         rows.append(("FID reference statistics", e.reference_download.url, 33, pin_text(e.reference_download)))
-    gdd = [m for m in params.study.methods if m.startswith("gdd") and getattr(params, m).discriminator == "projected"]
-    if gdd:
-        rows.append(("ImageNet backbones (torchvision), projected discriminator", "fetched by torchvision on first use",
-                     KNOWN_SIZES_MB["vgg16_bn"] + KNOWN_SIZES_MB["efficientnet_b0"], "torchvision's"))
+    backbones = sorted({b for m in params.study.methods if m.startswith("gdd")
+                        and getattr(params, m).discriminator == "projected" for b in getattr(params, m).backbones})
+    for b in backbones:
+        rows.append((f"ImageNet weights of {b} (projected discriminator)", "fetched by torchvision / timm on first use",
+                     KNOWN_SIZES_MB[b], "the library's"))
     return rows
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distillery.discriminators import ProjectedDiscriminator, TeacherEncoderDiscriminator
+from distillery.discriminators import BACKBONES, ProjectedDiscriminator, TeacherEncoderDiscriminator
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
 from distillery.training import distill
@@ -215,16 +215,16 @@ def test_teacher_encoder_discriminator_heads_on_every_encoder_resolution():
 def test_projected_discriminator_structure_and_gradients_reach_only_the_heads():
     torch.manual_seed(0)
     disc = ProjectedDiscriminator(weights=None, resolution=32).train()  # random backbones, never downloads
-    assert list(disc.projectors) == ["vgg16_bn", "efficientnet_b0"] and len(disc.heads) == 8
-    bn = disc.projectors["vgg16_bn"].stages[0][1]
+    assert list(disc.projectors) == ["vgg16_bn", "tf_efficientnet_lite0"] and len(disc.heads) == 8
+    bn = disc.projectors["vgg16_bn"].backbone.stages[0][1]
     running = bn.running_mean.clone()
     x = (torch.rand(2, 1, 8, 8) * 2 - 1).requires_grad_(True)
     logits = disc(x)
-    # four scales per backbone: 32 px in -> strides 4, 8, 16, 32
-    assert [tuple(l.shape) for l in logits] == [(2, 64), (2, 16), (2, 4), (2, 1)] * 2
-    projector = disc.projectors["efficientnet_b0"]
-    assert projector.out_channels == [64, 128, 256, 512]
-    assert [c.in_channels for c in projector.channel_proj] == [24, 40, 112, 320]
+    # 32 px in: backbone maps 8, 4, 2, 1 -> cross-scale mix at 16, 8, 4, 2 -> each head down to 2×2, a 1×1 conv
+    assert [tuple(l.shape) for l in logits] == [(2, 4)] * 8
+    projector = disc.projectors["tf_efficientnet_lite0"]
+    assert [c.in_channels for c in projector.ccm] == [24, 40, 112, 320]
+    assert [c.out_channels for c in projector.ccm] == [64, 128, 256, 512] and projector.out_channels == [64, 64, 128, 256]
     trainable = {id(p) for p in disc.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in disc.heads.parameters()}
     sum(l.sum() for l in logits).backward()
@@ -232,9 +232,43 @@ def test_projected_discriminator_structure_and_gradients_reach_only_the_heads():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
     assert x.grad is not None and x.grad.abs().sum() > 0  # the generator loss needs dD/dx
     assert torch.equal(bn.running_mean, running)  # frozen backbones stay in eval mode
-    # [-1, 1] -> [0, 1] -> ImageNet normalisation: a black image enters the backbone at -mean/std
-    assert torch.allclose(((torch.zeros(1, 3, 1, 1) - projector.mean) / projector.std).flatten(),
-                          -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+    # [-1, 1] -> [0, 1] -> each backbone's normalisation: ImageNet's for VGG, (0.5, 0.5) for TF's EfficientNet-lite0
+    vgg = disc.projectors["vgg16_bn"]
+    assert torch.allclose(vgg.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert torch.allclose(projector.mean.flatten(), torch.tensor([0.5] * 3))
+    assert torch.allclose(projector.std.flatten(), torch.tensor([0.5] * 3))
+
+
+def test_projected_discriminator_at_gdd_resolution_with_deit():
+    # §3.3, 64×64 data sets: DeiT-base (distilled) + EfficientNet-lite0 at 224 px, four heads per backbone
+    torch.manual_seed(0)
+    disc = ProjectedDiscriminator(label_dim=10, backbones=("deit_base_distilled_patch16_224", "tf_efficientnet_lite0"),
+                                  weights=None).train()
+    deit = disc.projectors["deit_base_distilled_patch16_224"]
+    assert [c.in_channels for c in deit.ccm] == [96, 192, 384, 768]
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    c = torch.eye(10)[[3, 7]]
+    logits = disc(x, c)
+    # backbone maps 56, 28, 14, 7 -> mixed 112, 56, 28, 14 -> down to 7×7 -> 4×4 conv: 16 patch logits per head
+    assert [tuple(l.shape) for l in logits] == [(2, 16)] * 8
+    (grad,) = torch.autograd.grad(sum(l.sum() for l in logits), x)
+    assert grad.abs().sum() > 0
+    # the class projection makes the logits depend on the label
+    other = disc(x.detach(), torch.eye(10)[[4, 8]])
+    assert not torch.allclose(logits[0], other[0])
+
+
+def test_the_discriminator_keeps_batch_statistics_during_the_generator_step():
+    # GDD's generator step runs D with requires_grad off but in training mode: batch norm uses batch statistics
+    torch.manual_seed(0)
+    teacher = tiny_teacher()
+    method = GDD(discriminator="projected", backbone_weights=None, resolution=32)
+    generator, disc = method.make_generator(teacher), method.make_aux(teacher).train()
+    bn = disc.heads[0].main[1]
+    before = bn.running_mean.clone()
+    method.generator_loss(generator, disc, None, torch.randn(4, 1, 8, 8)).backward()
+    assert not torch.equal(bn.running_mean, before) and disc.training
+    assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.heads.parameters())
 
 
 @pytest.mark.parametrize("method_class", [GDD, GDDI])
@@ -261,3 +295,9 @@ def test_distill_runs_gdd_without_a_teacher(method_class):
     for name, value in disc.state_dict().items():
         assert torch.equal(value, start_d[name]) == name.startswith("encoder."), name
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+
+
+def test_the_schema_offers_exactly_the_discriminator_backbones():
+    from pipeline import params
+
+    assert params.BACKBONES == BACKBONES

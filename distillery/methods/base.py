@@ -20,8 +20,9 @@ def finite_rows(x):
 
 
 @contextlib.contextmanager
-def frozen(net):
-    """Eval mode and no parameter gradients for `net` inside the block; both restored afterwards.
+def frozen(net, eval_mode=True):
+    """No parameter gradients for `net` inside the block (and eval mode, unless eval_mode=False); both restored
+    afterwards.
 
     Gradients still flow through the network's *inputs*, which the score-based generator losses need.
     """
@@ -30,7 +31,8 @@ def frozen(net):
         return
     was_training = net.training
     flags = [(p, p.requires_grad) for p in net.parameters()]
-    net.eval()
+    if eval_mode:
+        net.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:

@@ -47,7 +47,7 @@ class GDD(DistillationMethod):
     """x_g = G(80z; 80) trained as a GAN generator; the auxiliary network is the discriminator.
 
     discriminator: "teacher_encoder" (offline: heads on a frozen teacher-encoder copy evaluated at
-    `encoder_sigma`) or "projected" (GDD's: frozen torchvision `backbones` with `backbone_weights`,
+    `encoder_sigma`) or "projected" (GDD's: frozen ImageNet `backbones` with `backbone_weights`,
     inputs upsampled to `resolution`). R1 (γ = r1_gamma) on real images every `r1_interval` steps.
     d_lr_scale: D lr / G lr before the lazy-regularisation correction (1 for CIFAR-10, §3.3).
     """
@@ -58,9 +58,9 @@ class GDD(DistillationMethod):
     generator_first = True
     generator_dropout = 0.0
 
-    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, d_lr_scale=1.0, sigma_init=80, encoder_sigma=0.2, head_channels=64, cmap_dim=64,
-                 backbones=("vgg16_bn", "efficientnet_b0"), backbone_weights="DEFAULT", resolution=224,
-                 proj_channels=64):
+    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, d_lr_scale=1.0, sigma_init=80,
+                 encoder_sigma=0.2, head_channels=64, cmap_dim=64, backbones=("vgg16_bn", "tf_efficientnet_lite0"),
+                 backbone_weights="DEFAULT", resolution=224, proj_channels=64):
         if discriminator not in DISCRIMINATORS:
             raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {discriminator!r}")
         if r1_interval < 1:
@@ -86,8 +86,7 @@ class GDD(DistillationMethod):
         else:
             disc = ProjectedDiscriminator(label_dim=teacher.label_dim, backbones=self.backbones,
                                           weights=self.backbone_weights, resolution=self.resolution,
-                                          proj_channels=self.proj_channels, channels=self.head_channels,
-                                          cmap_dim=self.cmap_dim)
+                                          proj_channels=self.proj_channels, cmap_dim=self.cmap_dim)
         return disc.to(next(teacher.parameters()).device)
 
     def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
@@ -106,7 +105,7 @@ class GDD(DistillationMethod):
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Non-saturating loss of x_g; gradients reach G through the discriminator's input only."""
         x_g = self.generate(generator, z, class_labels)
-        with frozen(aux):
+        with frozen(aux, eval_mode=False):  # as in GDD, D's batch norm keeps using batch statistics here
             return generator_gan_loss(aux(x_g, class_labels))
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
