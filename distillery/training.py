@@ -182,12 +182,15 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
             real = (x, c_real)
         return z, c, real
 
-    def update(opt, module, loss_of):
+    def update(opt, module, loss_of, batches=None):
+        """One optimiser step on the global batch; returns (loss, the shards' batches). `batches` reuses an earlier
+        update's draws (GDD's R1 step sees the real batch of the D step)."""
         opt.zero_grad(set_to_none=True)
-        total = torch.zeros([], device=device)
+        total, drawn = torch.zeros([], device=device), {}
         for k in mine:
             with streams.use(k):
-                loss = loss_of(*draw()) / shards
+                drawn[k] = batches[k] if batches is not None else draw()
+                loss = loss_of(*drawn[k]) / shards
                 loss.backward()
             total += loss.detach()
         all_reduce_grads(module)
@@ -195,14 +198,17 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
         opt.step()
         if size > 1:
             dist.all_reduce(total)
-        return total.item()
+        return total.item(), drawn
 
     def aux_update():
         aux.train()
-        return update(opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real, step=step))
+        loss, drawn = update(opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real, step=step))
+        if method.regularizer_due(step):
+            update(opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
+        return loss
 
     def generator_update():
-        return update(opt_g, generator, lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real))
+        return update(opt_g, generator, lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real))[0]
 
     def evaluate():
         nonlocal best

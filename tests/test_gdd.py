@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from distillery.checkpoint import load_state
 from distillery.discriminators import BACKBONES, ProjectedDiscriminator, TeacherEncoderDiscriminator
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
@@ -137,7 +138,7 @@ def test_discriminator_steps_increase_the_real_fake_margin():
             return (disc(real)[0].mean() - disc(method.generate(generator, z))[0].mean()).item()
 
     before, losses = margin(), []
-    for step in range(1, 11):  # steps 1..10: no R1 due
+    for step in range(1, 11):
         loss = method.aux_loss(generator, disc, z, real=(real, None), step=step)
         opt_d.zero_grad()
         loss.backward()
@@ -149,25 +150,39 @@ def test_discriminator_steps_increase_the_real_fake_margin():
 
 
 @pytest.mark.parametrize("gamma", [1e-4, 0.3])
-def test_r1_equals_the_closed_form_for_a_linear_discriminator_and_only_on_due_steps(gamma):
+def test_r1_equals_the_closed_form_for_a_linear_discriminator(gamma):
     torch.manual_seed(0)
-    generator, disc = AffineGenerator(torch.zeros(3, 4, 4), 1.0), LinearDiscriminator(48)
-    z, real = torch.randn(8, 3, 4, 4, dtype=F64), torch.randn(8, 3, 4, 4, dtype=F64)
+    disc = LinearDiscriminator(48)
+    real = torch.randn(8, 3, 4, 4, dtype=F64)
     method = GDD(r1_gamma=gamma, r1_interval=16)
-
-    def loss(step):
-        return method.aux_loss(generator, disc, z, real=(real, None), step=step)
-
-    base = loss(3)
+    loss = method.regularizer_loss(disc, real=(real, None))
     w = disc.lin.weight
-    expected = gamma / 2 * w.square().sum() * 16  # ∇_x D = w for every image
-    for step in (0, 16, 32):
-        assert (loss(step) - base).item() == pytest.approx(expected.item(), rel=1e-9)
-    for step in (1, 15, 17, 31):
-        assert loss(step).item() == base.item()
+    expected = gamma / 2 * w.square().sum() * 16  # ∇_x D = w for every image, gain 16
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
     # the penalty's gradient reaches D: d/dw of (γ/2)‖w‖²·16 = 16 γ w
-    (grad,) = torch.autograd.grad(loss(0) - loss(1), w)
+    (grad,) = torch.autograd.grad(loss, w)
     assert torch.allclose(grad, 16 * gamma * w)
+    # GDD's loop: an R1 step in iterations 16, 32, … (counted from 0), never in the first; none without γ
+    assert [s for s in range(50) if method.regularizer_due(s)] == [16, 32, 48]
+    assert not any(GDD(r1_gamma=0).regularizer_due(s) for s in range(50))
+
+
+def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
+    # batch 8 for 5 iterations with r1_interval 2; the checkpoint after 4 iterations (0..3) holds D's Adam
+    # state: 4 D steps + 1 R1 step (iteration 2) for every parameter that R1 reaches
+    teacher = tiny_teacher()
+    method = GDD(r1_interval=2)
+    torch.manual_seed(1)
+    generator, disc = method.make_generator(teacher), method.make_aux(teacher)
+    ckpt = tmp_path / "state.pt"
+    distill(method, None, generator, disc, batch=8, lr=1e-3, betas=(0.0, 0.99), eps=1e-8, duration_kimg=0.04,
+            ema_halflife_kimg=0.01, ema_rampup_ratio=0.05, real_images=torch.rand(32, 1, 8, 8) * 2 - 1,
+            checkpoint_path=ckpt, checkpoint_kimg=0.032)
+    state = load_state(ckpt)
+    steps = [int(v["step"]) for v in state["opt_aux"]["state"].values()]
+    # biases of the last layers do not enter ∇ₓD, so the R1 step leaves them alone
+    assert max(steps) == 5 and set(steps) == {4, 5} and steps.count(5) > steps.count(4)
+    assert {int(v["step"]) for v in state["opt_g"]["state"].values()} == {4}
 
 
 def test_optimizers_apply_the_lazy_regularisation_correction_to_d_only():

@@ -87,6 +87,13 @@ class DistillationMethod:
     def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
         raise NotImplementedError
 
+    def regularizer_due(self, step):
+        """Whether iteration `step` (counted from 0) ends with an extra auxiliary step (GDD's lazy R1)."""
+        return False
+
+    def regularizer_loss(self, aux, class_labels=None, real=None):
+        raise NotImplementedError
+
 
 class FakeScoreMethod(DistillationMethod):
     """Score-based methods: the auxiliary network is a fake denoiser D_ψ of the generator's samples,

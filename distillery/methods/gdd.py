@@ -99,8 +99,9 @@ class GDD(DistillationMethod):
                                  betas=tuple(b ** k for b in betas), eps=eps)
         return opt_g, opt_d
 
-    def r1_due(self, step):
-        return self.r1_gamma > 0 and step % self.r1_interval == 0
+    def regularizer_due(self, step):
+        # §3.3 lazy R1, as GDD's loop: an extra D step in iterations 16, 32, … counted from 0 (not in the first)
+        return self.r1_gamma > 0 and step > 0 and step % self.r1_interval == 0
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Non-saturating loss of x_g; gradients reach G through the discriminator's input only."""
@@ -109,25 +110,22 @@ class GDD(DistillationMethod):
             return generator_gan_loss(aux(x_g, class_labels))
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
-        """Discriminator loss on detached x_g and the real batch, plus lazy R1 when `step` is due.
-
-        The loop makes a single D update per iteration, so on due steps the R1 term (with its gradient
-        gain r1_interval) joins that update instead of taking an optimiser step of its own.
-        """
+        """Discriminator loss on detached x_g and the real batch."""
         if real is None:
             raise ValueError("GDD trains against real images: call distill(..., real_images=...)")
         with torch.no_grad():
             x_g = self.generate(generator, z, class_labels)
         x_real, c_real = real
-        due = self.r1_due(step)
-        x_real = x_real.to(device=x_g.device, dtype=x_g.dtype).detach().requires_grad_(due)
+        x_real = x_real.to(device=x_g.device, dtype=x_g.dtype)
         c_real = None if c_real is None else c_real.to(x_g.device)
-        real_logits = aux(x_real, c_real)
-        loss = discriminator_gan_loss(aux(x_g, class_labels), real_logits)
-        if due:
-            # §3.3 lazy R1: applied every r1_interval steps with gradient gain r1_interval
-            loss = loss + self.r1_interval * r1_penalty(real_logits, x_real, self.r1_gamma)
-        return loss
+        return discriminator_gan_loss(aux(x_g, class_labels), aux(x_real, c_real))
+
+    def regularizer_loss(self, aux, class_labels=None, real=None):
+        """The lazy R1 step on the D step's real batch, with gradient gain r1_interval (§3.3); the D optimiser's
+        lr·k and β^k (k = r1_interval/(r1_interval+1)) correct for these extra steps."""
+        x_real, c_real = real
+        x_real = x_real.detach().requires_grad_(True)
+        return self.r1_interval * r1_penalty(aux(x_real, c_real), x_real, self.r1_gamma)
 
 
 class GDDI(GDD):
