@@ -40,3 +40,19 @@ def gaussian(mean, std):
     """The exact denoiser of N(mean, std²I), as a one-component mixture."""
     return GaussianMixture(torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1),
                            torch.ones(1, dtype=F64))
+
+
+def assert_step_moves_toward_teacher(generator, loss, mu_p):
+    """One normalised descent step on `loss` brings the AffineGenerator's mean toward the teacher's `mu_p` (and the
+    sign-flipped loss does not), the gradient points along the mean error, and a too-narrow std grows."""
+    grad, grad_log_s = torch.autograd.grad(loss, [generator.mu, generator.log_s], retain_graph=True)
+    flipped = torch.autograd.grad(-loss, generator.mu)[0]
+
+    def distance_after_step(g):
+        return (generator.mu.detach() - 0.05 * g / g.norm() - mu_p).norm()
+
+    start = (generator.mu.detach() - mu_p).norm()
+    assert distance_after_step(grad) < start
+    assert not distance_after_step(flipped) < start
+    assert torch.nn.functional.cosine_similarity(grad, generator.mu.detach() - mu_p, dim=0) > 0.95
+    assert grad_log_s < 0
