@@ -1,4 +1,4 @@
-"""Data sets as one array file: images NCHW with integer labels, read back as float32 in [-1, 1]."""
+"""Data sets as one array file: images NCHW with integer labels, read back as float32 in [-1, 1] (or kept uint8)."""
 
 import io
 import json
@@ -61,8 +61,8 @@ def save_dataset(path, images, labels, num_classes):
 
 
 def load_dataset(path, keep_uint8=False):
-    """(images, labels, num_classes); uint8 images stay uint8 with keep_uint8 (ImageNet-64 is 16 GB so, 63 GB
-    as float32), for the caller to convert per batch."""
+    """(images, labels, num_classes). With keep_uint8, uint8 images stay uint8 for the caller to convert per
+    batch: ImageNet-64 takes 16 GB as uint8, 63 GB as float32."""
     with np.load(path, allow_pickle=False) as f:
         images = f["images"]
         if images.dtype == np.uint8 and not keep_uint8:

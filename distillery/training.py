@@ -202,7 +202,7 @@ def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_
 
     def aux_update():
         aux.train()
-        loss, drawn = update(opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real, step=step))
+        loss, drawn = update(opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real))
         if method.regularizer_due(step):
             update(opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
         return loss

@@ -27,6 +27,7 @@ def main():
     meta = load_config(run_dir)
     dev = device()
     teacher_stats = load_stats_npz(TEACHER_STATS)
+    seeds = seed_blocks(params)[0]  # the first trial's seeds: stored samples, grid, IS/KID/rel-FID
 
     tags = {"method": args.method, "lr": args.lr, "batch": meta["batch"], "seed": params.seed}
     with stage_run(f"evaluate@{name}", params.model_dump(), tags=tags) as run:
@@ -37,7 +38,6 @@ def main():
             results[checkpoint], samples, _ = measure(one_step(generator, meta["sigma_init"]), shape,
                                                       generator.label_dim, params, dev, teacher_stats=teacher_stats)
             if checkpoint == "best":
-                seeds = seed_blocks(params)[0]
                 save_samples(f"samples/{name}.npz", samples.images, seeds, samples.labels)
                 save_grid(GRIDS / f"{name}.png", samples.images, e.grid_size)
 

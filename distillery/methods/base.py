@@ -84,7 +84,7 @@ class DistillationMethod:
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         raise NotImplementedError
 
-    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         raise NotImplementedError
 
     def regularizer_due(self, step):
@@ -110,7 +110,7 @@ class FakeScoreMethod(DistillationMethod):
     def make_aux(self, teacher):
         return copy.deepcopy(teacher).train().requires_grad_(True)
 
-    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         """EDM loss of the fake net on detached (and, with augment_p > 0, augmented) generator samples, summed / batch."""
         with torch.no_grad():
             x_g = self.generate(generator, z, class_labels)

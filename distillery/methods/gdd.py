@@ -109,7 +109,7 @@ class GDD(DistillationMethod):
         with frozen(aux, eval_mode=False):  # as in GDD, D's batch norm keeps using batch statistics here
             return generator_gan_loss(aux(x_g, class_labels))
 
-    def aux_loss(self, generator, aux, z, class_labels=None, real=None, step=0):
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         """Discriminator loss on detached x_g and the real batch."""
         if real is None:
             raise ValueError("GDD trains against real images: call distill(..., real_images=...)")
