@@ -68,3 +68,9 @@ def load_dataset(path, keep_uint8=False):
         if images.dtype == np.uint8 and not keep_uint8:
             images = images.astype(np.float32) / 127.5 - 1
         return images, f["labels"], int(f["num_classes"])
+
+
+def load_labels(path):
+    """The class indices of a data set file, without reading its images."""
+    with np.load(path, allow_pickle=False) as f:
+        return f["labels"]

@@ -11,21 +11,27 @@ def broadcast_per_sample(values, like):
     return values.reshape([-1] + [1] * (like.ndim - 1))
 
 
-def edm_loss(net, images, class_labels=None, augment_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-    """Per-element EDM denoising loss of `net` on clean `images` (global torch RNG; callers seed it)."""
+def edm_loss(net, images, class_labels=None, augment_pipe=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+    """Per-element EDM denoising loss of `net` on clean `images` (global torch RNG; callers seed it).
+
+    Random draws in EDM's order: σ, then the augmentation (when `augment_pipe` is given; its labels go to the
+    net's augment map), then the noise."""
     rnd_normal = torch.randn([images.shape[0]], dtype=images.dtype, device=images.device)
     sigma = broadcast_per_sample((rnd_normal * P_std + P_mean).exp(), images)
-    # ALGORITHMS.md §1.2: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
+    # docs/methods.md §1.2: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    noisy = images + torch.randn_like(images) * sigma
-    extra = {} if augment_labels is None else {'augment_labels': augment_labels}
+    y, extra = images, {}
+    if augment_pipe is not None:
+        y, augment_labels = augment_pipe(images)
+        extra = {'augment_labels': augment_labels}
+    noisy = y + torch.randn_like(y) * sigma
     denoised = net(noisy, sigma, class_labels, **extra)
     # §1.2: lambda(sigma) * ||D(y + n; sigma) - y||^2, kept per element.
-    return weight * (denoised - images) ** 2
+    return weight * (denoised - y) ** 2
 
 
 def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
-    """The EDM noise levels t_0 > ... > t_{N-1} (ALGORITHMS.md §1.3) followed by t_N = 0, float64."""
+    """The EDM noise levels t_0 > ... > t_{N-1} (docs/methods.md §1.3) followed by t_N = 0, float64."""
     ramp = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
@@ -39,8 +45,9 @@ def heun_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002,
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_hat, t_hat = x_next, t_cur
-        # Churn: raise the noise level to t_hat and add the matching fresh noise. Noise is drawn at
-        # every step (even where gamma = 0) so per-seed generators advance exactly as in EDM.
+        # Churn: raise the noise level to t_hat and add the matching fresh noise. With S_churn > 0 noise is
+        # drawn at every step, also where gamma = 0, so per-seed generators advance as in EDM; with S_churn = 0
+        # none is drawn (EDM draws it and scales it by zero: the same images).
         if S_churn > 0:
             gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0
             t_hat = t_cur * (1 + gamma)

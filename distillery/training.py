@@ -7,6 +7,7 @@ interrupted after a checkpoint and resumed ends with exactly the weights of an u
 import contextlib
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,10 +17,10 @@ from distillery.edm import edm_loss, ema_update, ramped_lr
 
 
 def sanitize_grads(module):
-    # NaN/Inf gradients would poison Adam's moments for good; zero them as EDM and SiD do
+    # NaN/Inf gradients would poison Adam's moments for good: NaN → 0, ±Inf → ±1e5, as the EDM, SiD, DI and GDD loops
     for p in module.parameters():
         if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
 
 
 class Schedule:
@@ -43,7 +44,7 @@ def resume_state(path, fingerprint):
 def train_teacher(net, images, labels, *, batch, lr, lr_rampup_kimg, duration_kimg, ema_halflife_kimg,
                   ema_rampup_ratio, P_mean=-1.2, P_std=1.2, checkpoint_path=None, checkpoint_kimg=0,
                   fingerprint="", on_progress=None):
-    """EDM training (ALGORITHMS.md §1.2) on an in-memory data set; returns the EMA network."""
+    """EDM training (docs/methods.md §1.2) on an in-memory data set; returns the EMA network."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     nimg = 0
@@ -136,109 +137,181 @@ def gather_to_rank0(obj):
     return objs
 
 
-def distill(method, teacher, generator, aux, *, batch, lr, betas, eps, duration_kimg, ema_halflife_kimg,
-            ema_rampup_ratio, generator_betas=None, label_dim=0, real_images=None, real_labels=None, seed=0, shards=1,
-            checkpoint_path=None, checkpoint_kimg=0, fingerprint="", monitor=None, monitor_kimg=0,
-            on_progress=None):
-    """One-step distillation: per iteration one auxiliary update (fake score or discriminator) and one
-    generator update, in the order the method asks for (`method.generator_first`).
+class DistillConfig(NamedTuple):
+    """The settings of one distillation run (the `distill` section of params.yaml, resolved for one method)."""
+    batch: int
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    duration_kimg: float
+    ema_halflife_kimg: float
+    ema_rampup_ratio: float
+    generator_betas: tuple[float, float] | None = None  # the generator's own Adam betas, where they differ
+    seed: int = 0
+    shards: int = 1        # micro-batches of the global batch, one RNG stream each
+    checkpoint_kimg: float = 0
+    monitor_kimg: float = 0
 
-    The global batch is split into `shards` micro-batches with their own RNG streams (ShardStreams);
+
+class TrainingData(NamedTuple):
+    """The data set a run draws from: images for the methods that train against data (GDD; float, or uint8 converted
+    per batch), class indices from which conditional runs draw their labels, as the reference loops do."""
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+class Distillation:
+    """The state of a one-step distillation run and its iteration: one auxiliary update (fake score or
+    discriminator) and one generator update, in the order the method asks for (`method.generator_first`).
+
+    The global batch is split into `config.shards` micro-batches with their own RNG streams (ShardStreams);
     under torch.distributed each rank takes an equal share of them and gradients are all-reduced.
-    Rank 0 alone monitors, checkpoints and reports progress. `real_images` (float, or uint8 converted per batch)
-    and `real_labels` (class indices) are the data set of the methods that train against data (GDD).
-    `monitor(ema) -> float` (e.g. a small-sample FID, lower is better) runs every `monitor_kimg` and
-    at the end; the EMA weights with the lowest value are kept as the "best" snapshot.
-    Returns (ema, best, history) with best = {value, kimg, ema state} and history = [(kimg, value), ...].
     """
-    rank, size = world()
-    if batch % shards or shards % size:
-        raise ValueError(f"batch {batch} must split into {shards} shards, and the shards over {size} processes")
-    micro, mine = batch // shards, range(rank * shards // size, (rank + 1) * shards // size)
-    device = next(generator.parameters()).device
-    shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    opt_g, opt_aux = method.optimizers(generator, aux, lr, betas, eps, generator_betas)
-    streams = ShardStreams(seed, shards, device)
-    nimg, step, history, best = 0, 0, [], None
-    state = resume_state(checkpoint_path, fingerprint)
-    if state is not None:
-        for module, key in [(generator, "generator"), (aux, "aux"), (ema, "ema"), (opt_g, "opt_g"), (opt_aux, "opt_aux")]:
+
+    def __init__(self, method, teacher, generator, aux, config, data=None, label_dim=0):
+        self.rank, self.size = world()
+        if config.batch % config.shards or config.shards % self.size:
+            raise ValueError(f"batch {config.batch} must split into {config.shards} shards, "
+                             f"and the shards over {self.size} processes")
+        self.method, self.teacher, self.generator, self.aux, self.config = method, teacher, generator, aux, config
+        self.data, self.label_dim = data or TrainingData(), label_dim
+        self.micro = config.batch // config.shards
+        self.mine = range(self.rank * config.shards // self.size, (self.rank + 1) * config.shards // self.size)
+        self.device = next(generator.parameters()).device
+        self.shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.opt_g, self.opt_aux = method.optimizers(generator, aux, config.lr, config.betas, config.eps,
+                                                     config.generator_betas)
+        self.streams = ShardStreams(config.seed, config.shards, self.device)
+        self.nimg, self.step, self.history, self.best = 0, 0, [], None
+
+    # --- Checkpoint state ------------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Everything a resumed run needs to continue bit for bit (collective under DDP: gathers the RNG streams)."""
+        streams = {k: v for part in gather_to_rank0(self.streams.state(self.mine)) for k, v in part.items()}
+        return dict(nimg=self.nimg, step=self.step, generator=self.generator.state_dict(), aux=self.aux.state_dict(),
+                    ema=self.ema.state_dict(), opt_g=self.opt_g.state_dict(), opt_aux=self.opt_aux.state_dict(),
+                    history=self.history, best=self.best, streams=streams)
+
+    def load_state_dict(self, state):
+        for module, key in [(self.generator, "generator"), (self.aux, "aux"), (self.ema, "ema"),
+                            (self.opt_g, "opt_g"), (self.opt_aux, "opt_aux")]:
             module.load_state_dict(state[key])
-        nimg, step, history, best = state["nimg"], state["step"], [tuple(h) for h in state["history"]], state["best"]
-        streams.load(state["streams"])
+        self.nimg, self.step, self.best = state["nimg"], state["step"], state["best"]
+        self.history = [tuple(h) for h in state["history"]]
+        self.streams.load(state["streams"])
 
-    def draw():
-        z = torch.randn([micro, *shape], device=device)
-        c = torch.eye(label_dim, device=device)[torch.randint(label_dim, (micro,), device=device)] if label_dim else None
-        real = None
-        if real_images is not None:  # a data batch for the methods that train against data (GDD)
-            idx = torch.randint(len(real_images), (micro,))
-            x = real_images[idx].to(device)
-            x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # data sets too big for float32 stay uint8
-            c_real = torch.eye(label_dim, device=device)[real_labels[idx].to(device)] if real_labels is not None else None
-            real = (x, c_real)
-        return z, c, real
+    # --- One iteration ---------------------------------------------------------------------------------------------
 
-    def update(opt, module, loss_of, batches=None):
-        """One optimiser step on the global batch; returns (loss, the shards' batches). `batches` reuses an earlier
-        update's draws (GDD's R1 step sees the real batch of the D step)."""
+    def draw(self):
+        """A shard's latents z, class labels c and real batch (x, c) or None, from its RNG stream.
+
+        Conditional runs take the labels of a data batch when the data set is given (GDD's generator sees the real
+        batch's labels), else uniform ones."""
+        z = torch.randn([self.micro, *self.shape], device=self.device)
+        images, labels = self.data
+        from_data = images is not None or (self.label_dim and labels is not None)
+        idx = torch.randint(len(images if images is not None else labels), (self.micro,)) if from_data else None
+        c = None
+        if self.label_dim:
+            classes = labels[idx].to(self.device) if idx is not None else torch.randint(
+                self.label_dim, (self.micro,), device=self.device)
+            c = torch.eye(self.label_dim, device=self.device)[classes]
+        if images is None:
+            return z, c, None
+        x = images[idx].to(self.device)
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # data sets too big for float32 stay uint8
+        return z, c, (x, c)
+
+    def update(self, opt, module, loss_of, batches=None):
+        """One optimiser step of `module` on the global batch; returns (loss, the shards' draws). `batches` reuses
+        an earlier update's draws (GDD's R1 step sees the real batch of the D step)."""
         opt.zero_grad(set_to_none=True)
-        total, drawn = torch.zeros([], device=device), {}
-        for k in mine:
-            with streams.use(k):
-                drawn[k] = batches[k] if batches is not None else draw()
-                loss = loss_of(*drawn[k]) / shards
+        total, drawn = torch.zeros([], device=self.device), {}
+        for k in self.mine:
+            with self.streams.use(k):
+                drawn[k] = batches[k] if batches is not None else self.draw()
+                loss = loss_of(*drawn[k]) / self.config.shards
                 loss.backward()
             total += loss.detach()
         all_reduce_grads(module)
         sanitize_grads(module)
         opt.step()
-        if size > 1:
+        if self.size > 1:
             dist.all_reduce(total)
         return total.item(), drawn
 
-    def aux_update():
+    def aux_update(self):
+        method, generator, aux = self.method, self.generator, self.aux
         aux.train()
-        loss, drawn = update(opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real))
-        if method.regularizer_due(step):
-            update(opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
+        loss, drawn = self.update(self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real))
+        if method.regularizer_due(self.step):
+            self.update(self.opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
         return loss
 
-    def generator_update():
-        return update(opt_g, generator, lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real))[0]
+    def generator_update(self):
+        method, generator, aux, teacher = self.method, self.generator, self.aux, self.teacher
+        generator.train()  # G trains with its dropout, as in the reference loops
+        return self.update(self.opt_g, generator,
+                           lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real))[0]
 
-    def evaluate():
-        nonlocal best
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            value = float(monitor(ema))
-        history.append((nimg / 1000, value))
-        if best is None or value < best["value"]:
-            best = {"value": value, "kimg": nimg / 1000, "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
-
-    total = int(duration_kimg * 1000)
-    checkpoints, monitors = Schedule(checkpoint_kimg), Schedule(monitor_kimg)
-    generator.train()
-    while nimg < total:
-        if method.generator_first:
-            loss_g = generator_update()
-            loss_aux = aux_update()
+    def iteration(self):
+        """One auxiliary and one generator update, then the EMA; returns the losses."""
+        if self.method.generator_first:
+            loss_g = self.generator_update()
+            loss_aux = self.aux_update()
         else:
-            loss_aux = aux_update()
-            loss_g = generator_update()
-        ema_update(ema, generator, nimg, batch, ema_halflife_kimg, ema_rampup_ratio)
-        before, nimg, step = nimg, nimg + batch, step + 1
-        if rank == 0 and on_progress:
-            on_progress(nimg, {"loss_g": loss_g, "loss_aux": loss_aux})
-        if rank == 0 and monitor and (monitors.due(before, nimg) or nimg >= total):
-            evaluate()
-        if checkpoint_path and checkpoints.due(before, nimg) and nimg < total:
-            all_streams = {k: v for part in gather_to_rank0(streams.state(mine)) for k, v in part.items()}
-            if rank == 0:
-                save_state(checkpoint_path, dict(
-                    fingerprint=fingerprint, nimg=nimg, step=step, generator=generator.state_dict(),
-                    aux=aux.state_dict(), ema=ema.state_dict(), opt_g=opt_g.state_dict(),
-                    opt_aux=opt_aux.state_dict(), history=history, best=best, streams=all_streams))
-    return ema, best, history
+            loss_aux = self.aux_update()
+            loss_g = self.generator_update()
+        c = self.config
+        ema_update(self.ema, self.generator, self.nimg, c.batch, c.ema_halflife_kimg, c.ema_rampup_ratio)
+        self.nimg, self.step = self.nimg + c.batch, self.step + 1
+        return {"loss_g": loss_g, "loss_aux": loss_aux}
+
+    # --- Monitoring ------------------------------------------------------------------------------------------------
+
+    def observe(self, monitor):
+        """Record monitor(ema) (lower is better) in the history; the EMA with the lowest value becomes "best"."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            value = float(monitor(self.ema))
+        self.history.append((self.nimg / 1000, value))
+        if self.best is None or value < self.best["value"]:
+            self.best = {"value": value, "kimg": self.nimg / 1000,
+                         "ema": {k: v.clone() for k, v in self.ema.state_dict().items()}}
+
+
+class DistillResult(NamedTuple):
+    ema: torch.nn.Module
+    best: dict | None       # {value, kimg, ema state} of the best monitored EMA
+    history: list           # [(kimg, monitor value), ...]
+
+
+def distill(method, teacher, generator, aux, config, *, data=None, label_dim=0, checkpoint_path=None, fingerprint="",
+            monitor=None, on_progress=None):
+    """One-step distillation (docs/methods.md §3) for `config.duration_kimg` thousand images, resumable.
+
+    `monitor(ema) -> float` (e.g. a small-sample FID) runs every `config.monitor_kimg` and at the end. Rank 0 alone
+    monitors, checkpoints and reports progress through `on_progress(nimg, losses)`.
+    """
+    run = Distillation(method, teacher, generator, aux, config, data=data, label_dim=label_dim)
+    state = resume_state(checkpoint_path, fingerprint)
+    if state is not None:
+        run.load_state_dict(state)
+
+    total = int(config.duration_kimg * 1000)
+    checkpoints, monitors = Schedule(config.checkpoint_kimg), Schedule(config.monitor_kimg)
+    while run.nimg < total:
+        before = run.nimg
+        losses = run.iteration()
+        if run.rank == 0 and on_progress:
+            on_progress(run.nimg, losses)
+        if run.rank == 0 and monitor and (monitors.due(before, run.nimg) or run.nimg >= total):
+            run.observe(monitor)
+        if checkpoint_path and checkpoints.due(before, run.nimg) and run.nimg < total:
+            state = run.state_dict()
+            if run.rank == 0:
+                save_state(checkpoint_path, dict(fingerprint=fingerprint, **state))
+    return DistillResult(run.ema, run.best, run.history)

@@ -10,19 +10,20 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from pipeline.preference_params import PreferenceParams
 
+from distillery.registry import METHODS
+
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
-METHODS = ("sid", "sim", "diff_instruct", "gdd", "gdd_i")
-# the projected discriminator's feature networks (distillery.discriminators.BACKBONES, without importing torch)
-BACKBONES = ("vgg16_bn", "efficientnet_b0", "tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
+MethodName = Literal[tuple(METHODS)]
 
 
 class Section(BaseModel):
@@ -109,7 +110,7 @@ class EvaluationParams(Section):
     reference: Literal["data", "edm-npz"] = "data"
     reference_download: Download | None = None
     num_samples: PosInt = 2000
-    # ALGORITHMS.md §2.1: trial k uses seeds [k·N, (k+1)·N); EDM reports the min of 3, SiD the mean ± std of 10
+    # docs/methods.md §2.1: trial k uses seeds [k·N, (k+1)·N); EDM reports the min of 3, SiD the mean ± std of 10
     fid_trials: PosInt = 1
     fid_aggregate: Literal["min", "mean"] = "min"
     batch: PosInt = 500
@@ -143,7 +144,7 @@ LearningRate = Annotated[int | float | str, AfterValidator(positive_number)]
 
 
 class StudyParams(Section):
-    methods: list[Literal[METHODS]] = Field(default=["sid"], min_length=1)
+    methods: list[MethodName] = Field(default=["sid"], min_length=1)
     # kept as written: DVC names the stages after the rendered value (distill@sid-1e-4)
     lrs: list[LearningRate] = Field(default=["1e-4", "3e-5"], min_length=1)
 
@@ -166,7 +167,7 @@ Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, 
 
 
 class MethodTraining(Section):
-    """One method's departures from the common `distill` settings (ALGORITHMS.md §3: GDD's 5 Mimg, SiD's
+    """One method's departures from the common `distill` settings (docs/methods.md §3: GDD's 5 Mimg, SiD's
     ImageNet-64 batch 8192 and 2 Mimg EMA, SiD's FFHQ-64 generator β₁ = 0.9); unset keys keep the common value."""
     batch: PosInt | None = None
     shards: PosInt | None = None
@@ -190,7 +191,7 @@ class DistillParams(Section):
     checkpoint_kimg: PosFloat = 5
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
-    per_method: dict[Literal[METHODS], MethodTraining] = {}
+    per_method: dict[MethodName, MethodTraining] = {}
 
     def for_method(self, method) -> "DistillParams":
         """The settings `method` trains with: the common ones, overridden by `per_method[method]`."""
@@ -207,51 +208,16 @@ class DistillParams(Section):
         return self
 
 
-class SiDParams(Section):
-    alpha: float = 1.2
-    sigma_init: PosFloat = 2.5
-    t_max: Annotated[float, Field(gt=0, le=1000)] = 800
-    loss_scale_g: PosFloat = 100
-    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
-
-
 class ReportParams(Section):
     diverged_factor: Annotated[float, Field(gt=1)] = 3.0  # final FID above this × best FID marks a run diverged
 
 
-class SIMParams(Section):
-    """ALGORITHMS.md §3.2. c and the time weighting w(σ) = σ^weight_power are not given by the paper for
-    CIFAR-10: c = 0.4 puts the pseudo-Huber switch near σ ≈ 1 on the 8×8 toy (see distillery/methods/sim.py)."""
-    sigma_init: PosFloat = 2.5
-    c: PosFloat = 0.4
-    t_max: Annotated[float, Field(gt=0, le=1000)] = 800
-    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
-    loss_scale_g: PosFloat = 1
-    weight_power: Annotated[float, Field(ge=0)] = 2
-    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
+# one section per registered method, named by its key (sid, sim, …), holding its settings
+MethodSections = create_model("MethodSections", __base__=Section,
+                              **{name: (m.settings, m.settings()) for name, m in METHODS.items()})
 
 
-class DiffInstructParams(Section):
-    """ALGORITHMS.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
-    sigma_init: PosFloat = 1.0
-    loss_scale_g: PosFloat = 1
-    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
-
-
-class GDDParams(Section):
-    """ALGORITHMS.md §3.3. `teacher_encoder` is the offline discriminator (frozen teacher encoder + heads);
-    `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision / timm)."""
-    discriminator: Literal["teacher_encoder", "projected"] = "teacher_encoder"
-    # projected: GDD's CIFAR-10 pair; at 64×64 GDD uses [deit_base_distilled_patch16_224, tf_efficientnet_lite0]
-    backbones: list[Literal[BACKBONES]] = Field(default=["vgg16_bn", "tf_efficientnet_lite0"], min_length=1)
-    sigma_init: PosFloat = 80
-    r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
-    r1_interval: PosInt = 16
-    d_lr_scale: PosFloat = 1.0
-    encoder_sigma: PosFloat = 0.2
-
-
-class Params(Section):
+class Params(MethodSections):
     profile: str = "toy"
     seed: Annotated[int, Field(ge=0)] = 0
     data: DataParams = DataParams()
@@ -260,22 +226,21 @@ class Params(Section):
     evaluation: EvaluationParams = EvaluationParams()
     study: StudyParams = StudyParams()
     distill: DistillParams = DistillParams()
-    sid: SiDParams = SiDParams()
-    sim: SIMParams = SIMParams()
-    diff_instruct: DiffInstructParams = DiffInstructParams()
-    gdd: GDDParams = GDDParams()
-    gdd_i: GDDParams = GDDParams()
     report: ReportParams = ReportParams()
     preference: PreferenceParams = PreferenceParams()
 
     @model_validator(mode="after")
     def augmentation_has_labels(self):
         # the augment labels feed the teacher's map_augment: EDM's 9-label layout (distillery/augment.py)
-        for m in ("sid", "sim", "diff_instruct"):
-            if m in self.study.methods and getattr(self, m).augment_p > 0 and self.teacher.network.augment_dim != 9:
+        for m in self.study.methods:
+            if getattr(getattr(self, m), "augment_p", 0) > 0 and self.teacher.network.augment_dim != 9:
                 raise ValueError(f"{m}.augment_p > 0 needs a teacher with EDM's augment labels "
                                  f"(teacher.network.augment_dim 9, got {self.teacher.network.augment_dim})")
         return self
+
+    def method(self, name):
+        """The method object of study entry `name`, built from its settings section."""
+        return METHODS[name].build(getattr(self, name))
 
     def runs(self):
         """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""

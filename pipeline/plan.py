@@ -96,16 +96,18 @@ def seconds_per_image(method, teacher, micro_batch, device, steps=1):
     """Wall time of one distillation iteration (aux + generator update) per image, timed here."""
     import torch
 
-    from distillery.training import distill
+    from distillery.training import DistillConfig, TrainingData, distill
 
     generator, aux = method.make_generator(teacher), method.make_aux(teacher)
     real = torch.rand(micro_batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution) * 2 - 1
-    run = dict(batch=micro_batch, lr=1e-5, betas=(0.0, 0.999), eps=1e-8, ema_halflife_kimg=1, ema_rampup_ratio=0.05,
-               label_dim=teacher.label_dim, real_images=real if method.needs_real_data else None)
-    distill(method, teacher if method.needs_teacher else None, generator, aux, duration_kimg=micro_batch / 1000, **run)
+    data = TrainingData(images=real if method.needs_real_data else None)
+    config = DistillConfig(batch=micro_batch, lr=1e-5, betas=(0.0, 0.999), eps=1e-8, duration_kimg=micro_batch / 1000,
+                           ema_halflife_kimg=1, ema_rampup_ratio=0.05)
+    teacher = teacher if method.needs_teacher else None
+    distill(method, teacher, generator, aux, config, data=data, label_dim=generator.label_dim)  # warm-up
     start = time.perf_counter()
-    distill(method, teacher if method.needs_teacher else None, generator, aux,
-            duration_kimg=steps * micro_batch / 1000, **run)
+    distill(method, teacher, generator, aux, config._replace(duration_kimg=steps * micro_batch / 1000), data=data,
+            label_dim=generator.label_dim)
     return (time.perf_counter() - start) / (steps * micro_batch)
 
 
@@ -113,7 +115,7 @@ def estimate(params, micro_batch=None):
     """{method: seconds per image} of every method of the study, and the teacher's seconds per sample."""
     import torch
 
-    from distillery.methods import METHODS
+    from distillery.registry import METHODS
     from distillery.sampling import generate, heun
     from pipeline.runtime import device
 
@@ -123,10 +125,10 @@ def estimate(params, micro_batch=None):
     teacher = network(params).to(dev).eval().requires_grad_(False)
     per_image = {}
     for m in params.study.methods:
-        kwargs = getattr(params, m).model_dump()
-        if m.startswith("gdd"):
-            kwargs["backbone_weights"] = None  # same compute as the ImageNet weights, nothing to download
-        per_image[m] = seconds_per_image(METHODS[m](**kwargs), copy.deepcopy(teacher), micro_batch, dev)
+        # random backbones: the compute of the ImageNet weights, nothing to download
+        offline = {"backbone_weights": None} if "backbone_weights" in METHODS[m].settings.model_fields else {}
+        per_image[m] = seconds_per_image(METHODS[m].build(getattr(params, m), **offline), copy.deepcopy(teacher),
+                                         micro_batch, dev)
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     sampling = generate(heun(teacher, 2), [0, 1], shape, teacher.label_dim, batch=2, device=dev).seconds / 2
     heun_per_sample = sampling / 3 * (2 * params.evaluation.teacher_steps - 1)  # 3 denoiser calls timed above

@@ -1,4 +1,4 @@
-"""Artifacts shared by several stages, and how to open them."""
+"""What several stages share: the feature network, the FID protocol and its seeds, sample files and grids."""
 
 import hashlib
 from pathlib import Path
@@ -12,12 +12,26 @@ from distillery.evaluation import aggregate_fids, fid_only, image_set_metrics
 from distillery.metrics import FeatureNet, load_stats_npz
 from distillery.sampling import generate, image_grid
 
-REFERENCE_STATS = "stats/reference.npz"
-REFERENCE_FEATURES = "stats/reference_features.npz"
-TEACHER_STATS = "stats/teacher.npz"
-TEACHER_SAMPLES = "samples/teacher.npz"
-FEATURES_DIR = "models/features"
-GRIDS = Path("reports/grids")
+from stages.paths import FEATURES_DIR, REFERENCE_FEATURES, REFERENCE_STATS
+from stages.skeleton import InvalidInput
+
+# the arguments of the stages of one study run (distill@<method>-<lr>, evaluate@<method>-<lr>)
+RUN_ARGUMENTS = {"--method": "a method of study.methods",
+                 "--lr": "a learning rate of study.lrs, as written in params.yaml"}
+
+
+def study_run(params, args):
+    """The run's name `<method>-<lr>`, as DVC's matrix renders it; refused unless params.yaml defines it."""
+    runs = [name for _, _, name in params.runs()]
+    name = f"{args.method}-{args.lr}"
+    if name not in runs:
+        raise InvalidInput(f"{name} is not a run of study.methods × study.lrs ({', '.join(runs)})")
+    return name
+
+
+def study_run_tags(params, args):
+    return {"method": args.method, "lr": args.lr, "batch": params.distill.for_method(args.method).batch,
+            "seed": params.seed}
 
 
 def feature_net(params):
@@ -30,7 +44,7 @@ def feature_net(params):
 
 
 def seed_blocks(params):
-    """The seeds of each FID trial: trial k draws seeds [k·N, (k+1)·N) (ALGORITHMS.md §2.1)."""
+    """The seeds of each FID trial: trial k draws seeds [k·N, (k+1)·N) (docs/methods.md §2.1)."""
     n = params.evaluation.num_samples
     return [list(range(k * n, (k + 1) * n)) for k in range(params.evaluation.fid_trials)]
 

@@ -2,35 +2,32 @@
 zip in EDM's format (FFHQ, AFHQv2, ImageNet at 64×64)."""
 
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params_or_exit
 from pipeline.pins import DOWNLOADS, fetch, file_sha256
-from pipeline.tracking import stage_run
 
 from distillery.data import load_cifar10_dataset, load_digits_dataset, load_edm_zip, save_dataset
 
-DATASET = "data/dataset.npz"
+from stages.paths import DATASET, metrics
+from stages.skeleton import StageFailed, run_stage
 
 
-def main():
-    params = load_params_or_exit()
-    with stage_run("data", params.model_dump()) as run:
-        d, digest = params.data, None
-        if d.source == "cifar10":
-            images, labels = load_cifar10_dataset(DOWNLOADS)
-        elif d.source == "edm-zip":
-            path, digest = fetch(d.download) if d.download else (d.path, file_sha256(d.path))
-            if d.path and d.sha256 and digest != d.sha256:
-                raise SystemExit(f"data: {d.path} has sha256 {digest}, but data.sha256 pins {d.sha256}")
-            images, labels = load_edm_zip(path, d.resolution)
-        else:
-            images, labels = load_digits_dataset()
-        with atomic_path(DATASET) as tmp:
-            save_dataset(tmp, images, labels, num_classes=int(labels.max()) + 1)
-        info = {"num_images": len(images), "resolution": images.shape[-1], "channels": images.shape[1],
-                "num_classes": int(labels.max()) + 1}
-        write_json("metrics/data.json", {**info, "sha256": digest} if digest else info)
-        run.log_metrics(info)
+def run(params, args, run):
+    d, digest = params.data, None
+    if d.source == "cifar10":
+        images, labels = load_cifar10_dataset(DOWNLOADS)
+    elif d.source == "edm-zip":
+        path, digest = fetch(d.download) if d.download else (d.path, file_sha256(d.path))
+        if d.path and d.sha256 and digest != d.sha256:
+            raise StageFailed(f"{d.path} has sha256 {digest}, but data.sha256 pins {d.sha256}")
+        images, labels = load_edm_zip(path, d.resolution)
+    else:
+        images, labels = load_digits_dataset()
+    with atomic_path(DATASET) as tmp:
+        save_dataset(tmp, images, labels, num_classes=int(labels.max()) + 1)
+    info = {"num_images": len(images), "resolution": images.shape[-1], "channels": images.shape[1],
+            "num_classes": int(labels.max()) + 1}
+    write_json(metrics("data"), {**info, "sha256": digest} if digest else info)
+    run.log_metrics(info)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("data", run, doc=__doc__)

@@ -4,40 +4,41 @@ Under `torchrun` (more than one GPU for the stage) every rank trains its share o
 and rank 0 alone monitors, logs and writes the outputs.
 """
 
-import argparse
-import contextlib
 import copy
 import csv
 import time
+from typing import NamedTuple
 
 import torch
 
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params_or_exit
 from pipeline.runtime import CHECKPOINT_DIR, distributed, fingerprint, kimg_bar, seed_everything
-from pipeline.tracking import stage_run
 
 from distillery.checkpoint import load_config, load_network, save_network
-from distillery.data import load_dataset
+from distillery.data import load_dataset, load_labels
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics
-from distillery.methods import METHODS
 from distillery.sampling import generate, one_step
-from distillery.training import distill
+from distillery.training import DistillConfig, TrainingData, distill
 
-from stages.common import feature_net, reference
-from stages.data import DATASET
-from stages.teacher import TEACHER_DIR
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--lr", required=True, help="learning rate, as written in params.yaml")
-    return parser.parse_args()
+from stages.common import RUN_ARGUMENTS, feature_net, reference, study_run, study_run_tags
+from stages.paths import DATASET, TEACHER_DIR, distill_metrics, fid_curve, run_dir
+from stages.skeleton import run_stage
 
 
-def run_paths(name):
-    return f"runs/{name}", f"plots/fid/{name}.csv", f"metrics/distill/{name}.json"
+def training_config(params, method_name, lr):
+    d = params.distill.for_method(method_name)
+    return DistillConfig(batch=d.batch, lr=lr, betas=d.adam_betas, eps=d.adam_eps, duration_kimg=d.duration_kimg,
+                         ema_halflife_kimg=d.ema_halflife_kimg, ema_rampup_ratio=d.ema_rampup_ratio,
+                         generator_betas=d.generator_adam_betas, seed=params.seed, shards=d.shards,
+                         checkpoint_kimg=d.checkpoint_kimg, monitor_kimg=d.monitor_kimg)
+
+
+def training_data(method, label_dim):
+    """The data set as the method needs it: real images for GDD, the labels of a conditional teacher's data set."""
+    if method.needs_real_data:
+        images, labels, _ = load_dataset(DATASET, keep_uint8=True)
+        return TrainingData(torch.from_numpy(images), torch.from_numpy(labels) if label_dim else None)
+    return TrainingData(labels=torch.from_numpy(load_labels(DATASET)) if label_dim else None)
 
 
 def fid_monitor(params, method, teacher, dev):
@@ -58,90 +59,86 @@ def fid_monitor(params, method, teacher, dev):
     return monitor
 
 
-def write_outputs(name, method_name, lr_text, lr, method, d, ema, best, history, config, seconds):
-    out_dir, curve_path, metrics_path = run_paths(name)
-    meta = {"method": method_name, "lr": lr, "sigma_init": method.sigma_init, "kimg": d.duration_kimg,
-            "batch": d.batch,
-            "best_kimg": best["kimg"], "best_monitor_fid": best["value"]}
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        save_network(tmp, ema, config, name="last", meta=meta)
-        best_net = copy.deepcopy(ema)
-        best_net.load_state_dict(best["ema"])
-        save_network(tmp, best_net, config, name="best", meta=meta)
-    with atomic_path(curve_path) as tmp:
+class Outcome(NamedTuple):
+    """What a finished run writes: its generators, FID curve and summary."""
+    name: str
+    method_name: str
+    lr_text: str
+    lr: float
+    sigma_init: float
+    config: DistillConfig
+    monitor_samples: int
+    result: object        # distillery.training.DistillResult
+    network_config: dict
+    seconds: float
+
+
+def write_outputs(o):
+    meta = {"method": o.method_name, "lr": o.lr, "sigma_init": o.sigma_init, "kimg": o.config.duration_kimg,
+            "batch": o.config.batch, "best_kimg": o.result.best["kimg"], "best_monitor_fid": o.result.best["value"]}
+    with atomic_path(run_dir(o.name), is_dir=True) as tmp:
+        save_network(tmp, o.result.ema, o.network_config, name="last", meta=meta)
+        best_net = copy.deepcopy(o.result.ema)
+        best_net.load_state_dict(o.result.best["ema"])
+        save_network(tmp, best_net, o.network_config, name="best", meta=meta)
+    with atomic_path(fid_curve(o.name)) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["kimg", "fid", "method", "lr"])
-            writer.writerows([(f"{k:g}", f"{v:.6g}", method_name, lr_text) for k, v in history])
-    summary = {**meta, "final_monitor_fid": history[-1][1], "train_seconds": round(seconds, 1),
-               "kimg_per_s": d.duration_kimg / seconds, "monitor_samples": d.monitor_samples,
+            writer.writerows([(f"{k:g}", f"{v:.6g}", o.method_name, o.lr_text) for k, v in o.result.history])
+    history = o.result.history
+    summary = {**meta, "final_monitor_fid": history[-1][1], "train_seconds": round(o.seconds, 1),
+               "kimg_per_s": o.config.duration_kimg / o.seconds, "monitor_samples": o.monitor_samples,
                "diverged": not all(v < float("inf") for _, v in history)}
-    write_json(metrics_path, summary)
+    write_json(distill_metrics(o.name), summary)
     return summary
 
 
-def main():
-    args = parse_args()
-    params = load_params_or_exit()
-    name = f"{args.method}-{args.lr}"  # the DVC stage suffix: distill@<name>
-    runs = {run: lr for _, lr, run in params.runs()}
-    if name not in runs:
-        raise SystemExit(f"distill: {name} is not a run of study.methods × study.lrs ({', '.join(runs)})")
-    lr, d = runs[name], params.distill.for_method(args.method)
-    method_params = getattr(params, args.method)
-    method = METHODS[args.method](**method_params.model_dump())
-
+def run(params, args, run):
+    name = f"{args.method}-{args.lr}"
+    lr = dict((run_name, lr) for _, lr, run_name in params.runs())[name]
+    method = params.method(args.method)
+    config = training_config(params, args.method, lr)
     with distributed() as (rank, dev):
         teacher = load_network(TEACHER_DIR, device=dev)
-        config = load_config(TEACHER_DIR)["network"]
         seed_everything(params.seed)
         generator = method.make_generator(teacher)  # every method starts G from the teacher
         aux = method.make_aux(teacher)
-        real_images = real_labels = None
-        if method.needs_real_data:
-            images, labels, _ = load_dataset(DATASET, keep_uint8=True)
-            real_images = torch.from_numpy(images)
-            real_labels = torch.from_numpy(labels) if teacher.label_dim else None
+        data = training_data(method, teacher.label_dim)
+        bar = kimg_bar(config.duration_kimg, f"distill {name}") if rank == 0 else None
+        logged = [0]
+        monitor = fid_monitor(params, method, teacher, dev)
 
-        tags = {"method": args.method, "lr": args.lr, "batch": d.batch, "seed": params.seed}
-        tracking = stage_run(f"distill@{name}", params.model_dump(), tags=tags) if rank == 0 else contextlib.nullcontext()
-        with tracking as run:
-            bar = kimg_bar(d.duration_kimg, f"distill {name}") if rank == 0 else None
-            logged = [0]
-            monitor = fid_monitor(params, method, teacher, dev)
+        def progress(nimg, losses):
+            bar.n = nimg / 1000
+            bar.update(0)
+            if nimg - logged[0] >= 1000:
+                run.log_metrics(losses, step=nimg // 1000)
+                logged[0] = nimg
 
-            def progress(nimg, metrics):
-                bar.n = nimg / 1000
-                bar.update(0)
-                if nimg - logged[0] >= 1000:
-                    run.log_metrics(metrics, step=nimg // 1000)
-                    logged[0] = nimg
+        def tracked_monitor(ema):
+            value = monitor(ema)
+            bar.set_postfix(fid=f"{value:.3f}")
+            run.log_metrics({"monitor_fid": value}, step=round(bar.n))
+            return value
 
-            def tracked_monitor(ema):
-                value = monitor(ema)
-                bar.set_postfix(fid=f"{value:.3f}")
-                run.log_metrics({"monitor_fid": value}, step=round(bar.n))
-                return value
-
-            ckpt = CHECKPOINT_DIR / f"distill-{name}.pt"
-            start = time.perf_counter()
-            ema, best, history = distill(
-                method, teacher if method.needs_teacher else None, generator, aux, batch=d.batch, lr=lr,
-                betas=d.adam_betas, generator_betas=d.generator_adam_betas, eps=d.adam_eps, duration_kimg=d.duration_kimg,
-                ema_halflife_kimg=d.ema_halflife_kimg, ema_rampup_ratio=d.ema_rampup_ratio,
-                label_dim=teacher.label_dim, real_images=real_images, real_labels=real_labels,
-                seed=params.seed, shards=d.shards, checkpoint_path=ckpt, checkpoint_kimg=d.checkpoint_kimg,
-                fingerprint=fingerprint({"seed": params.seed, "lr": lr, "method": args.method,
-                                         "distill": d.model_dump(), "method_params": method_params.model_dump()},
-                                        [TEACHER_DIR]),
-                monitor=tracked_monitor, monitor_kimg=d.monitor_kimg, on_progress=progress)
-            if rank == 0:
-                bar.close()
-                summary = write_outputs(name, args.method, args.lr, lr, method, d, ema, best, history, config,
-                                        time.perf_counter() - start)
-                run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-                ckpt.unlink(missing_ok=True)
+        checkpoint = CHECKPOINT_DIR / f"distill-{name}.pt"
+        settings = getattr(params, args.method).model_dump()
+        start = time.perf_counter()
+        result = distill(method, teacher if method.needs_teacher else None, generator, aux, config, data=data,
+                         label_dim=teacher.label_dim, checkpoint_path=checkpoint,
+                         fingerprint=fingerprint({"seed": params.seed, "lr": lr, "method": args.method,
+                                                  "distill": params.distill.for_method(args.method).model_dump(),
+                                                  "method_params": settings}, [TEACHER_DIR]),
+                         monitor=tracked_monitor, on_progress=progress)
+        if rank == 0:
+            bar.close()
+            summary = write_outputs(Outcome(name, args.method, args.lr, lr, method.sigma_init, config,
+                                            params.distill.monitor_samples, result,
+                                            load_config(TEACHER_DIR)["network"], time.perf_counter() - start))
+            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            checkpoint.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("distill", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=study_run, tags=study_run_tags)

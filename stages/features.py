@@ -6,19 +6,16 @@ It is an evaluation network only: no training loss anywhere reads it.
 import torch
 
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params_or_exit
 from pipeline.runtime import seed_everything
-from pipeline.tracking import stage_run
 
 from distillery.data import load_dataset
 from distillery.features import save_digits_net, train_digits_classifier
 
-from stages.common import FEATURES_DIR
-from stages.data import DATASET
+from stages.paths import DATASET, FEATURES_DIR, metrics
+from stages.skeleton import run_stage
 
 
-def main():
-    params = load_params_or_exit()
+def run(params, args, run):
     if params.evaluation.feature_extractor != "distillery-digits":
         # a published extractor (Inception): nothing to train, the output names it for the DAG
         with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
@@ -28,14 +25,13 @@ def main():
     f = params.features
     images, labels, _ = load_dataset(DATASET)
     seed_everything(params.seed)
-    with stage_run("features", params.model_dump()) as run:
-        net, metrics = train_digits_classifier(torch.from_numpy(images), torch.from_numpy(labels), seed=params.seed,
-                                               epochs=f.epochs, batch_size=f.batch, lr=f.lr)
-        with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
-            save_digits_net(net, tmp)
-        write_json("metrics/features.json", metrics)
-        run.log_metrics(metrics)
+    net, info = train_digits_classifier(torch.from_numpy(images), torch.from_numpy(labels), seed=params.seed,
+                                        epochs=f.epochs, batch_size=f.batch, lr=f.lr)
+    with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
+        save_digits_net(net, tmp)
+    write_json(metrics("features"), info)
+    run.log_metrics(info)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("features", run, doc=__doc__)

@@ -6,19 +6,17 @@
     README.md     how to run the study and where the returned votes go
 """
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from pipeline.io import atomic_path
-from pipeline.params import load_params_or_exit
 from pipeline.preference_params import PreferencePair, PreferenceParams
-from pipeline.tracking import stage_run
 
 from distillery.preference.manifests import label_studio_config, label_studio_tasks, mturk_batch, mturk_layout
 from distillery.preference.page import render_page
 from distillery.preference.study import Study, build_study, load_samples
+
+from stages.skeleton import InvalidInput, run_stage
 
 PAGE = "study/index.html"
 
@@ -68,26 +66,30 @@ def write_study(section: PreferenceParams, pair: PreferencePair) -> tuple[Path, 
     return final, study
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--a", required=True, help="first run, e.g. teacher")
-    parser.add_argument("--b", required=True, help="second run, e.g. sid-1e-4")
-    args = parser.parse_args()
-    params = load_params_or_exit()
-    section = params.preference
+def pair_of(params, args):
     try:
-        pair = section.pair(args.a, args.b)
+        return params.preference.pair(args.a, args.b)
     except ValueError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2) from None
-    index = section.pairs.index(pair)  # DVC's foreach over the list names the stage preference@<index>
-    with stage_run(f"preference@{index}", params.model_dump(), tags={"pair": pair.name, "seed": section.seed}) as run:
-        folder, study = write_study(section, pair)
-        checks = sum(i.expected is not None for i in study.items)
-        run.log_metrics({"items": len(study.items) - checks, "attention_checks": checks})
-        run.log_artifact(folder / PAGE)
+        raise InvalidInput(str(e)) from None
+
+
+def instance(params, args):
+    # DVC's foreach over the list of pairs names the stage preference@<index>
+    return str(params.preference.pairs.index(pair_of(params, args)))
+
+
+def tags(params, args):
+    return {"pair": pair_of(params, args).name, "seed": params.preference.seed}
+
+
+def run(params, args, run):
+    folder, study = write_study(params.preference, pair_of(params, args))
+    checks = sum(i.expected is not None for i in study.items)
+    run.log_metrics({"items": len(study.items) - checks, "attention_checks": checks})
+    run.log_artifact(folder / PAGE)
     print(f"{folder}/study: {len(study.items)} items for study {study.study_id}; key in {folder}/key.json")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("preference", run, doc=__doc__, instance=instance, tags=tags,
+              arguments={"--a": "first run, e.g. teacher", "--b": "second run, e.g. sid-1e-4"})

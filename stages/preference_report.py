@@ -3,20 +3,18 @@ metrics/preference.json and MLflow. A bad vote file stops the stage before anyth
 
 import json
 import math
-import sys
 from pathlib import Path
 
 from pipeline.io import write_json, write_text
-from pipeline.params import load_params_or_exit
 from pipeline.preference_params import PreferenceParams
-from pipeline.tracking import flatten, stage_run
+from pipeline.tracking import flatten
 
 from distillery.preference.analysis import Analysis, Rate, analyse
 from distillery.preference.study import StudyKey
 from distillery.preference.votes import VotesError, read_votes
 
-REPORT = "reports/preference.md"
-METRICS = "metrics/preference.json"
+from stages.paths import PREFERENCE_REPORT, metrics
+from stages.skeleton import StageFailed, run_stage
 
 
 def load_keys(section: PreferenceParams) -> dict[str, StudyKey]:
@@ -93,7 +91,7 @@ def markdown(analysis: Analysis, section: PreferenceParams, files: list[Path], v
     return "\n".join(lines) + "\n"
 
 
-def metrics(analysis: Analysis, votes: int) -> dict:
+def summary_metrics(analysis: Analysis, votes: int) -> dict:
     def rate(r):
         return None if r is None else {"value": r.value, "low": r.low, "high": r.high}
 
@@ -109,22 +107,19 @@ def metrics(analysis: Analysis, votes: int) -> dict:
     return out
 
 
-def main():
-    params = load_params_or_exit()
+def run(params, args, run):
     section = params.preference
     try:
         analysis, files, votes = build(section)
     except VotesError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(1) from None
-    summary = metrics(analysis, votes)
-    with stage_run("preference_report", params.model_dump()) as run:
-        write_json(METRICS, summary)
-        write_text(REPORT, markdown(analysis, section, files, votes))
-        run.log_metrics({k: v for k, v in flatten(summary).items() if v is not None})
-        run.log_artifact(REPORT)
-    print(Path(REPORT).read_text())
+        raise StageFailed(str(e)) from None
+    summary = summary_metrics(analysis, votes)
+    write_json(metrics("preference"), summary)
+    write_text(PREFERENCE_REPORT, markdown(analysis, section, files, votes))
+    run.log_metrics({k: v for k, v in flatten(summary).items() if v is not None})
+    run.log_artifact(PREFERENCE_REPORT)
+    print(Path(PREFERENCE_REPORT).read_text())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("preference_report", run, doc=__doc__)

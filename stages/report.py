@@ -8,13 +8,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.io import atomic_path, write_text
-from pipeline.params import load_params_or_exit
 from pipeline.published import published_rows
 
-METHOD_NAMES = {"sid": "SiD", "sim": "SIM", "diff_instruct": "Diff-Instruct", "gdd": "GDD", "gdd_i": "GDD-I"}
+from distillery.registry import METHODS
+
+from stages.paths import LR_FIGURE, RESULTS_CSV, RESULTS_MD, distill_metrics, eval_metrics, fid_curve, metrics
+from stages.skeleton import StageFailed, run_stage
+
 COLUMNS = ["method", "lr", "batch", "NFE", "FID", "FID std", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint",
            "FID (last)", "status"]
-FIGURE = "reports/lr_robustness.png"
 
 
 def read_json(path):
@@ -36,7 +38,7 @@ def status(train, evaluation, factor):
 
 
 def student_row(m, train, factor):
-    return {"method": METHOD_NAMES.get(m["method"], m["method"]), "lr": m["lr"], "batch": train["batch"],
+    return {"method": METHODS[m["method"]].display, "lr": m["lr"], "batch": train["batch"],
             "NFE": m["nfe"], "FID": m["fid"], "FID std": m["fid_std"],
             "IS": m["is"], "KID": m["kid"], "rel-FID": m["rel_fid"], "images/s": m["images_per_s"],
             "kimg": m["kimg"], "checkpoint": f"best @ {m['best_kimg']:g} kimg", "FID (last)": m["fid_last"],
@@ -48,18 +50,18 @@ def common_protocol(named_metrics):
     protocols = {json.dumps(m["protocol"], sort_keys=True) for m in named_metrics.values()}
     if len(protocols) > 1:
         lines = [f"  {name}: {json.dumps(m['protocol'], sort_keys=True)}" for name, m in named_metrics.items()]
-        raise SystemExit("report: refusing to put FIDs of different protocols in one column:\n" + "\n".join(lines))
+        raise StageFailed("refusing to put FIDs of different protocols in one column:\n" + "\n".join(lines))
     return named_metrics["teacher"]["protocol"]
 
 
 def results_table(params):
-    teacher = read_json("metrics/teacher_samples.json")
+    teacher = read_json(metrics("teacher_samples"))
     # exactly the runs of the current study: files left by runs removed from params.yaml are ignored
-    evals = {name: read_json(f"metrics/eval/{name}.json") for _, _, name in params.runs()}
+    evals = {name: read_json(eval_metrics(name)) for _, _, name in params.runs()}
     protocol = common_protocol({"teacher": teacher, **evals})
     rows = [teacher_row(teacher)]
     for name, m in evals.items():
-        rows.append(student_row(m, read_json(f"metrics/distill/{name}.json"), params.report.diverged_factor))
+        rows.append(student_row(m, read_json(distill_metrics(name)), params.report.diverged_factor))
     return pd.DataFrame(rows, columns=COLUMNS), protocol
 
 
@@ -70,8 +72,8 @@ def lr_robustness_figure(params, path):
     axes = fig.subplots(1, len(lrs), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], lrs):
         for method in params.study.methods:
-            curve = pd.read_csv(f"plots/fid/{method}-{lr}.csv")
-            ax.plot(curve["kimg"], curve["fid"], marker=".", label=METHOD_NAMES.get(method, method))
+            curve = pd.read_csv(fid_curve(f"{method}-{lr}"))
+            ax.plot(curve["kimg"], curve["fid"], marker=".", label=METHODS[method].display)
         ax.set_title(f"lr = {lr}")
         ax.set_xlabel("training images (kimg)")
         ax.set_yscale("log")
@@ -158,16 +160,18 @@ def markdown(table, params, teacher, n_real, protocol):
     ])
 
 
-def main():
-    params = load_params_or_exit()
+def run(params, args, run):
     table, protocol = results_table(params)
-    teacher = read_json("metrics/teacher_samples.json")
-    n_real = read_json("metrics/reference_stats.json")["num_images"]
-    lr_robustness_figure(params, FIGURE)
-    write_text("reports/results.csv", table.to_csv(index=False))
-    write_text("reports/results.md", markdown(table, params, teacher, n_real, protocol))
-    print(Path("reports/results.md").read_text())
+    teacher = read_json(metrics("teacher_samples"))
+    n_real = read_json(metrics("reference_stats"))["num_images"]
+    lr_robustness_figure(params, LR_FIGURE)
+    write_text(RESULTS_CSV, table.to_csv(index=False))
+    write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol))
+    run.log_artifact(RESULTS_MD)
+    run.log_artifact(RESULTS_CSV)
+    run.log_artifact(LR_FIGURE)
+    print(Path(RESULTS_MD).read_text())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("report", run, doc=__doc__)

@@ -6,10 +6,8 @@ import time
 import torch
 
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params_or_exit
 from pipeline.pins import fetch
 from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
-from pipeline.tracking import stage_run
 
 from distillery.checkpoint import save_network
 from distillery.data import load_dataset
@@ -17,9 +15,8 @@ from distillery.edm_pickle import convert_edm_pickle
 from distillery.networks import build_network, edm_config
 from distillery.training import train_teacher
 
-from stages.data import DATASET
-
-TEACHER_DIR = "models/teacher"
+from stages.paths import DATASET, TEACHER_DIR, metrics
+from stages.skeleton import run_stage
 
 
 def teacher_config(params, resolution, channels, num_classes):
@@ -30,23 +27,20 @@ def teacher_config(params, resolution, channels, num_classes):
                       attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
 
 
-def convert_official(params):
+def convert_official(params, run):
     """Download the pinned EDM pickle and convert it once into our network format."""
     spec = params.teacher.download
-    with stage_run("teacher", params.model_dump(), tags={"method": "edm", "source": spec.url}) as run:
-        path, digest = fetch(spec)
-        with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
-            config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
-        info = {"source": spec.url, "sha256": digest, "architecture": config["model_type"],
-                "parameters": sum(p.numel() for p in build_network(config).parameters())}
-        write_json("metrics/teacher.json", info)
-        run.log_metrics({"parameters": info["parameters"]})
+    path, digest = fetch(spec)
+    with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+        config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+    info = {"source": spec.url, "sha256": digest, "architecture": config["model_type"],
+            "parameters": sum(p.numel() for p in build_network(config).parameters())}
+    write_json(metrics("teacher"), info)
+    run.log_metrics({"parameters": info["parameters"]})
 
 
-def main():
-    params = load_params_or_exit()
-    if params.teacher.source == "url":
-        return convert_official(params)
+def train(params, run):
+    """EDM training of a small teacher on the data set, resumable from its checkpoint."""
     t = params.teacher
     images, labels, num_classes = load_dataset(DATASET)
     config = teacher_config(params, images.shape[-1], images.shape[1], num_classes)
@@ -54,35 +48,45 @@ def main():
     net = build_network(config)
     images = torch.from_numpy(images)
     labels = torch.eye(num_classes)[torch.from_numpy(labels)] if config["label_dim"] else None
+    bar = kimg_bar(t.duration_kimg, "teacher")
+    last_logged = [0]
 
-    with stage_run("teacher", params.model_dump(), tags={"method": "edm"}) as run:
-        bar = kimg_bar(t.duration_kimg, "teacher")
-        last_logged = [0]
+    def progress(nimg, losses):
+        bar.n = nimg / 1000
+        bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
+        bar.update(0)
+        if nimg - last_logged[0] >= 1000:
+            run.log_metrics(losses, step=nimg // 1000)
+            last_logged[0] = nimg
 
-        def progress(nimg, metrics):
-            bar.n = nimg / 1000
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-            bar.update(0)
-            if nimg - last_logged[0] >= 1000:
-                run.log_metrics(metrics, step=nimg // 1000)
-                last_logged[0] = nimg
+    start = time.perf_counter()
+    checkpoint = CHECKPOINT_DIR / "teacher.pt"
+    ema = train_teacher(net, images, labels, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
+                        duration_kimg=t.duration_kimg, ema_halflife_kimg=t.ema_halflife_kimg,
+                        ema_rampup_ratio=t.ema_rampup_ratio, P_mean=t.P_mean, P_std=t.P_std,
+                        checkpoint_path=checkpoint, checkpoint_kimg=t.checkpoint_kimg,
+                        fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
+                        on_progress=progress)
+    bar.close()
+    with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+        save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
+    info = {"kimg": t.duration_kimg, "parameters": sum(p.numel() for p in ema.parameters()),
+            "train_seconds": round(time.perf_counter() - start, 1)}
+    write_json(metrics("teacher"), info)
+    run.log_metrics(info)
+    checkpoint.unlink(missing_ok=True)
 
-        start = time.perf_counter()
-        ema = train_teacher(net, images, labels, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
-                            duration_kimg=t.duration_kimg, ema_halflife_kimg=t.ema_halflife_kimg,
-                            ema_rampup_ratio=t.ema_rampup_ratio, P_mean=t.P_mean, P_std=t.P_std,
-                            checkpoint_path=CHECKPOINT_DIR / "teacher.pt", checkpoint_kimg=t.checkpoint_kimg,
-                            fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
-                            on_progress=progress)
-        bar.close()
-        with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
-            save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
-        info = {"kimg": t.duration_kimg, "parameters": sum(p.numel() for p in ema.parameters()),
-                "train_seconds": round(time.perf_counter() - start, 1)}
-        write_json("metrics/teacher.json", info)
-        run.log_metrics(info)
-        (CHECKPOINT_DIR / "teacher.pt").unlink(missing_ok=True)
+
+def run(params, args, run):
+    if params.teacher.source == "url":
+        convert_official(params, run)
+    else:
+        train(params, run)
+
+
+def tags(params, args):
+    return {"method": "edm", **({"source": params.teacher.download.url} if params.teacher.source == "url" else {})}
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("teacher", run, doc=__doc__, tags=tags)

@@ -1,40 +1,40 @@
 """Stage `teacher_samples`: the teacher's Heun samples from seeds 0..N-1, its own metrics (FID over the
-protocol's trials), and the statistics of its samples that rel-FID compares students against (ALGORITHMS.md §5)."""
+protocol's trials), and the statistics of its samples that rel-FID compares students against (docs/methods.md §5)."""
 
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params_or_exit
 from pipeline.runtime import device
-from pipeline.tracking import stage_run
 
 from distillery.checkpoint import load_network
 from distillery.metrics import save_stats_npz
 from distillery.sampling import heun
 
-from stages.common import (GRIDS, TEACHER_SAMPLES, TEACHER_STATS, feature_net, measure, protocol, save_grid,
-                           save_samples, seed_blocks)
-from stages.teacher import TEACHER_DIR
+from stages.common import feature_net, measure, protocol, save_grid, save_samples, seed_blocks
+from stages.paths import GRIDS, TEACHER_DIR, TEACHER_SAMPLES, TEACHER_STATS, metrics
+from stages.skeleton import run_stage
 
 
-def main():
-    params = load_params_or_exit()
+def run(params, args, run):
     e = params.evaluation
     dev = device()
     teacher = load_network(TEACHER_DIR, device=dev)
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     nfe = 2 * e.teacher_steps - 1
-    with stage_run("teacher_samples", params.model_dump(), tags={"method": "teacher", "nfe": nfe}) as run:
-        metrics, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
-        seeds = seed_blocks(params)[0]
-        metrics.update(nfe=nfe, sampler="heun", steps=e.teacher_steps, seeds=f"0-{len(seeds) - 1}", batch=e.batch,
-                       device=dev.type, protocol=protocol(params, feature_net(params)))
-        save_samples(TEACHER_SAMPLES, samples.images, seeds, samples.labels)
-        with atomic_path(TEACHER_STATS) as tmp:
-            save_stats_npz(tmp, stats)
-        save_grid(GRIDS / "teacher.png", samples.images, e.grid_size)
-        write_json("metrics/teacher_samples.json", metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        run.log_artifact(GRIDS / "teacher.png")
+    info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
+    seeds = seed_blocks(params)[0]
+    info.update(nfe=nfe, sampler="heun", steps=e.teacher_steps, seeds=f"0-{len(seeds) - 1}", batch=e.batch,
+                device=dev.type, protocol=protocol(params, feature_net(params)))
+    save_samples(TEACHER_SAMPLES, samples.images, seeds, samples.labels)
+    with atomic_path(TEACHER_STATS) as tmp:
+        save_stats_npz(tmp, stats)
+    save_grid(GRIDS / "teacher.png", samples.images, e.grid_size)
+    write_json(metrics("teacher_samples"), info)
+    run.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+    run.log_artifact(GRIDS / "teacher.png")
+
+
+def tags(params, args):
+    return {"method": "teacher", "nfe": 2 * params.evaluation.teacher_steps - 1}
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("teacher_samples", run, doc=__doc__, tags=tags)

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from distillery.methods.sid import SiD
 from distillery.networks import build_network, edm_config
 from distillery.training import distill
+from toys import tiny_run
 
 STEPS, BATCH, SHARDS = 3, 8, 2
 
@@ -25,9 +26,8 @@ def train(lr=1e-3):
     teacher = tiny_teacher()
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SiD()
-    ema, _, _ = distill(method, teacher, generator, method.make_aux(teacher), batch=BATCH, lr=lr,
-                        betas=(0.0, 0.999), eps=1e-8, duration_kimg=STEPS * BATCH / 1000, ema_halflife_kimg=0.01,
-                        ema_rampup_ratio=0.05, seed=5, shards=SHARDS)
+    ema, _, _ = distill(method, teacher, generator, method.make_aux(teacher),
+                        tiny_run(batch=BATCH, lr=lr, duration_kimg=STEPS * BATCH / 1000, seed=5, shards=SHARDS))
     return generator.state_dict(), ema.state_dict()
 
 

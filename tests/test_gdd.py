@@ -8,7 +8,8 @@ from distillery.checkpoint import load_state
 from distillery.discriminators import BACKBONES, ProjectedDiscriminator, TeacherEncoderDiscriminator
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
-from distillery.training import distill
+from distillery.training import TrainingData, distill
+from toys import tiny_run
 
 F64 = torch.float64
 
@@ -175,9 +176,8 @@ def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
     torch.manual_seed(1)
     generator, disc = method.make_generator(teacher), method.make_aux(teacher)
     ckpt = tmp_path / "state.pt"
-    distill(method, None, generator, disc, batch=8, lr=1e-3, betas=(0.0, 0.99), eps=1e-8, duration_kimg=0.04,
-            ema_halflife_kimg=0.01, ema_rampup_ratio=0.05, real_images=torch.rand(32, 1, 8, 8) * 2 - 1,
-            checkpoint_path=ckpt, checkpoint_kimg=0.032)
+    distill(method, None, generator, disc, tiny_run(betas=(0.0, 0.99), checkpoint_kimg=0.032),
+            data=TrainingData(images=torch.rand(32, 1, 8, 8) * 2 - 1), checkpoint_path=ckpt)
     state = load_state(ckpt)
     steps = [int(v["step"]) for v in state["opt_aux"]["state"].values()]
     # biases of the last layers do not enter ∇ₓD, so the R1 step leaves them alone
@@ -297,9 +297,8 @@ def test_distill_runs_gdd_without_a_teacher(method_class):
     start_g, start_d = copy.deepcopy(generator.state_dict()), copy.deepcopy(disc.state_dict())
     real = torch.rand(64, 1, 8, 8) * 2 - 1
     losses = []
-    distill(method, None, generator, disc, batch=8, lr=1e-3, betas=(0.0, 0.99), eps=1e-8, duration_kimg=0.032,
-            ema_halflife_kimg=0.01, ema_rampup_ratio=0.05, real_images=real,
-            on_progress=lambda nimg, m: losses.append(m))
+    distill(method, None, generator, disc, tiny_run(betas=(0.0, 0.99), duration_kimg=0.032),
+            data=TrainingData(images=real), on_progress=lambda nimg, m: losses.append(m))
     assert len(losses) == 4 and all(math.isfinite(v) for m in losses for v in m.values())
     moved = {n for n, p in generator.named_parameters() if not torch.equal(p, start_g[n])}
     if method_class is GDDI:
@@ -313,6 +312,6 @@ def test_distill_runs_gdd_without_a_teacher(method_class):
 
 
 def test_the_schema_offers_exactly_the_discriminator_backbones():
-    from pipeline import params
+    from distillery import registry
 
-    assert params.BACKBONES == BACKBONES
+    assert registry.BACKBONES == BACKBONES

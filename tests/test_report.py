@@ -31,13 +31,14 @@ def test_published_rows_carry_sources_and_leave_out_unverified_numbers():
 
 def test_fids_of_different_protocols_are_refused_in_one_column():
     from stages.report import common_protocol
+    from stages.skeleton import StageFailed
 
     p = {"extractor": "inception-v3-compat", "weights_sha256": "a", "num_samples": 50000, "seeds": "0-49999",
          "reference_sha256": "b"}
     assert common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": dict(p)}}) == p
     try:
         common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": {**p, "num_samples": 10000}}})
-    except SystemExit as e:
+    except StageFailed as e:
         assert "different protocols" in str(e) and "sid-1e-5" in str(e)
     else:
         raise AssertionError("mixed protocols were accepted")

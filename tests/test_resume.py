@@ -8,6 +8,7 @@ import torch
 from distillery.methods.sid import SiD
 from distillery.networks import build_network, edm_config
 from distillery.training import distill, train_teacher
+from toys import tiny_run
 
 
 class Interrupt(Exception):
@@ -64,11 +65,10 @@ def distill_run(tmp_path, fingerprint="f", on_progress=None):
     generator = copy.deepcopy(teacher).requires_grad_(True)
     fake = SiD().make_aux(teacher)
     values = iter(range(100, 0, -1))  # a monitor whose "FID" improves each call
-    return distill(SiD(), teacher, generator, fake, batch=8, lr=1e-4, betas=(0.0, 0.999), eps=1e-8,
-                   duration_kimg=0.064, ema_halflife_kimg=0.01, ema_rampup_ratio=0.05,
-                   checkpoint_path=tmp_path / "distill.pt", checkpoint_kimg=0.024, fingerprint=fingerprint,
-                   monitor=lambda ema: next(values) + torch.rand(()).item(), monitor_kimg=0.016,
-                   on_progress=on_progress)
+    return distill(SiD(), teacher, generator, fake,
+                   tiny_run(lr=1e-4, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
+                   checkpoint_path=tmp_path / "distill.pt", fingerprint=fingerprint,
+                   monitor=lambda ema: next(values) + torch.rand(()).item(), on_progress=on_progress)
 
 
 def test_distill_resume_is_bit_identical(tmp_path):

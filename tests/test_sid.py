@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from distillery.edm import edm_loss
-from distillery.methods import METHODS
 from distillery.methods.sid import SiD, sid_generator_loss, sid_loss_core, sid_sigmas
 from toys import F64, AffineGenerator, gaussian
 
@@ -178,10 +177,6 @@ def test_non_finite_samples_are_dropped_from_both_losses():
     f_loss = SiD().aux_loss(generator, fake, z)
     f_loss.backward()
     assert f_loss.isfinite() and all(p.grad.isfinite().all() for p in fake.parameters())
-
-
-def test_sid_is_registered():
-    assert METHODS['sid'] is SiD
 
 
 def test_fake_score_loss_sees_augmented_samples_with_their_labels():

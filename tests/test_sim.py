@@ -8,7 +8,7 @@ from distillery.methods.sid import sid_generator_loss, sid_loss_core, sid_sigmas
 from distillery.methods.sim import SIM, pseudo_huber_derivative, sim_generator_loss, sim_loss_core
 from distillery.networks import build_network, edm_config
 from distillery.training import distill
-from toys import assert_step_moves_toward_teacher, F64, AffineGenerator, MLPDenoiser, gaussian
+from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_run
 
 
 def own_denoiser(generator):
@@ -184,8 +184,7 @@ def test_distill_runs_sim_on_a_tiny_edm_network():
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SIM()
     losses = []
-    distill(method, teacher, generator, method.make_aux(teacher), batch=8, lr=1e-3, betas=(0.0, 0.999), eps=1e-8,
-            duration_kimg=0.04, ema_halflife_kimg=0.01, ema_rampup_ratio=0.05,
+    distill(method, teacher, generator, method.make_aux(teacher), tiny_run(),
             on_progress=lambda nimg, logs: losses.append(logs))
     assert len(losses) == 5
     assert all(math.isfinite(value) for logs in losses for value in logs.values())

@@ -3,6 +3,7 @@
 import torch
 
 from distillery.analytic import GaussianMixture
+from distillery.training import DistillConfig
 
 F64 = torch.float64
 
@@ -56,3 +57,9 @@ def assert_step_moves_toward_teacher(generator, loss, mu_p):
     assert not distance_after_step(flipped) < start
     assert torch.nn.functional.cosine_similarity(grad, generator.mu.detach() - mu_p, dim=0) > 0.95
     assert grad_log_s < 0
+
+
+def tiny_run(**settings):
+    """The training settings of the tiny distillation runs of the tests: batch 8, 5 iterations, lr 1e-3."""
+    return DistillConfig(**{"batch": 8, "lr": 1e-3, "betas": (0.0, 0.999), "eps": 1e-8, "duration_kimg": 0.04,
+                            "ema_halflife_kimg": 0.01, "ema_rampup_ratio": 0.05, **settings})

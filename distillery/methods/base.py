@@ -2,7 +2,8 @@
 score-based ones (SiD, SIM, Diff-Instruct).
 
 Per iteration the training loop makes one auxiliary update (a fake score network or a
-discriminator) and one generator update, in the order the method asks for.
+discriminator) and one generator update, in the order the method asks for. A method's settings and
+their defaults are defined once, in distillery/registry.py.
 """
 
 import contextlib
@@ -20,33 +21,42 @@ def finite_rows(x):
 
 
 @contextlib.contextmanager
-def frozen(net, eval_mode=True):
-    """No parameter gradients for `net` inside the block (and eval mode, unless eval_mode=False); both restored
-    afterwards.
+def eval_mode(net):
+    """`net` in eval mode inside the block (no dropout), its mode restored afterwards."""
+    if not isinstance(net, torch.nn.Module):
+        yield
+        return
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen(net, keep_mode=False):
+    """No parameter gradients for `net` inside the block, and eval mode unless keep_mode; both restored afterwards.
 
     Gradients still flow through the network's *inputs*, which the score-based generator losses need.
     """
     if not isinstance(net, torch.nn.Module):
         yield
         return
-    was_training = net.training
     flags = [(p, p.requires_grad) for p in net.parameters()]
-    if eval_mode:
-        net.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        yield
+        with contextlib.nullcontext() if keep_mode else eval_mode(net):
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        net.train(was_training)
 
 
 class DistillationMethod:
     """A generator G (initialised from the teacher) evaluated once: x_g = G(σ_init·z; σ_init)."""
 
-    sigma_init = 2.5
     needs_teacher = True        # GDD trains against real data only
     needs_real_data = False
     generator_first = False     # SiD/SIM/DI update the fake score first; GDD updates G first
@@ -97,34 +107,37 @@ class DistillationMethod:
 
 class FakeScoreMethod(DistillationMethod):
     """Score-based methods: the auxiliary network is a fake denoiser D_ψ of the generator's samples,
-    initialised from the teacher and trained with the EDM loss (ALGORITHMS.md §3, shared fake-score update)."""
+    initialised from the teacher and trained with the EDM loss (docs/methods.md §3, shared fake-score update)."""
 
-    def __init__(self, sigma_init=2.5, sigma_data=0.5, P_mean=-1.2, P_std=1.2, augment_p=0.0):
-        self.sigma_init = sigma_init
-        self.sigma_data = sigma_data
-        self.P_mean = P_mean
-        self.P_std = P_std
+    def __init__(self, settings):
+        self.sigma_init = settings.sigma_init
+        self.sigma_data = settings.sigma_data
+        self.P_mean = settings.P_mean
+        self.P_std = settings.P_std
         # SiD's fake-score loss sees EDM's augmented generator samples, with the augment labels (§3.1)
-        self.augment = AugmentPipe.edm(augment_p) if augment_p > 0 else None
+        self.augment = AugmentPipe.edm(settings.augment_p) if settings.augment_p > 0 else None
 
     def make_aux(self, teacher):
         return copy.deepcopy(teacher).train().requires_grad_(True)
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
-        """EDM loss of the fake net on detached (and, with augment_p > 0, augmented) generator samples, summed / batch."""
-        with torch.no_grad():
+        """EDM loss of the fake net on generator samples, summed / batch (§3).
+
+        As in SiD's and Diff-Instruct's loops, the samples come from G in eval mode (no dropout), without gradient,
+        and the fake net trains in train mode.
+        Non-finite samples are dropped before the fake net sees them (their NaN activations would reach every
+        weight gradient, even through zero upstream gradients); rows whose loss is non-finite are dropped after it.
+        """
+        with torch.no_grad(), eval_mode(generator):
             x_g = self.generate(generator, z, class_labels)
         keep = finite_rows(x_g)
         x_g = x_g[keep]
         class_labels = None if class_labels is None else class_labels[keep]
         if isinstance(aux, torch.nn.Module):
-            aux.train()
-        augment_labels = None
-        if self.augment is not None:
-            x_g, augment_labels = self.augment(x_g)
-        loss = edm_loss(aux, x_g, class_labels, augment_labels, P_mean=self.P_mean, P_std=self.P_std,
+            aux.train()  # the fake net learns with its dropout
+        loss = edm_loss(aux, x_g, class_labels, augment_pipe=self.augment, P_mean=self.P_mean, P_std=self.P_std,
                         sigma_data=self.sigma_data)
-        return loss.sum() / z.shape[0]
+        return loss[finite_rows(loss)].sum() / z.shape[0]
 
     def denoise_pair(self, teacher, fake, x_t, sigma, class_labels):
         """D_φ(x_t) and D_ψ(x_t) with frozen weights, differentiable w.r.t. x_t."""

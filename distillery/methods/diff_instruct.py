@@ -1,4 +1,4 @@
-"""Diff-Instruct (Luo et al., NeurIPS 2023), ALGORITHMS.md §3.4.
+"""Diff-Instruct (Luo et al., NeurIPS 2023), docs/methods.md §3.4.
 
 The generator minimises the integral KL divergence from the teacher: per sample the surrogate
 (D_ψ(x_t) − D_φ(x_t))·x_g with both denoisers evaluated without gradient, so the signal pushed into
@@ -16,6 +16,7 @@ import torch
 
 from distillery.edm import broadcast_per_sample
 from distillery.methods.base import FakeScoreMethod, finite_rows
+from distillery.registry import DiffInstructSettings
 
 
 @contextlib.contextmanager
@@ -56,9 +57,10 @@ def diff_instruct_loss(x_g, d_teacher, d_fake):
 class DiffInstruct(FakeScoreMethod):
     """Diff-Instruct generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
-    def __init__(self, sigma_init=1.0, sigma_data=0.5, P_mean=-1.2, P_std=1.2, loss_scale_g=1, augment_p=0.0):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
-        self.loss_scale_g = loss_scale_g
+    def __init__(self, **settings):
+        s = DiffInstructSettings(**settings)
+        super().__init__(s)
+        self.loss_scale_g = s.loss_scale_g
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Scalar generator loss: sum of per-sample surrogates * loss_scale_g / batch.

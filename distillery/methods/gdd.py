@@ -1,4 +1,4 @@
-"""GDD and GDD-I: GAN distillation at distribution level (Zheng & Yang), ALGORITHMS.md §3.3.
+"""GDD and GDD-I: GAN distillation at distribution level (Zheng & Yang), docs/methods.md §3.3.
 
 The generator starts from the teacher and is evaluated once at σ = 80; training is a pure
 non-saturating GAN against real images, so the teacher is never evaluated. At σ = 80 GDD's
@@ -12,8 +12,7 @@ from torch.nn import functional as F
 
 from distillery.discriminators import ProjectedDiscriminator, TeacherEncoderDiscriminator
 from distillery.methods.base import DistillationMethod, frozen
-
-DISCRIMINATORS = ("teacher_encoder", "projected")
+from distillery.registry import GDDSettings
 
 
 def generator_gan_loss(logits):
@@ -52,31 +51,25 @@ class GDD(DistillationMethod):
     d_lr_scale: D lr / G lr before the lazy-regularisation correction (1 for CIFAR-10, §3.3).
     """
 
-    sigma_init = 80
     needs_teacher = False
     needs_real_data = True
     generator_first = True
     generator_dropout = 0.0
 
-    def __init__(self, discriminator="teacher_encoder", r1_gamma=1e-4, r1_interval=16, d_lr_scale=1.0, sigma_init=80,
-                 encoder_sigma=0.2, head_channels=64, cmap_dim=64, backbones=("vgg16_bn", "tf_efficientnet_lite0"),
-                 backbone_weights="DEFAULT", resolution=224, proj_channels=64):
-        if discriminator not in DISCRIMINATORS:
-            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {discriminator!r}")
-        if r1_interval < 1:
-            raise ValueError(f"r1_interval must be >= 1, got {r1_interval}")
-        self.discriminator = discriminator
-        self.r1_gamma = r1_gamma
-        self.r1_interval = r1_interval
-        self.d_lr_scale = d_lr_scale
-        self.sigma_init = sigma_init
-        self.encoder_sigma = encoder_sigma
-        self.head_channels = head_channels
-        self.cmap_dim = cmap_dim
-        self.backbones = tuple(backbones)
-        self.backbone_weights = backbone_weights
-        self.resolution = resolution
-        self.proj_channels = proj_channels
+    def __init__(self, **settings):
+        s = GDDSettings(**settings)
+        self.sigma_init = s.sigma_init
+        self.discriminator = s.discriminator
+        self.backbones = tuple(s.backbones)
+        self.backbone_weights = s.backbone_weights
+        self.resolution = s.resolution
+        self.proj_channels = s.proj_channels
+        self.head_channels = s.head_channels
+        self.cmap_dim = s.cmap_dim
+        self.encoder_sigma = s.encoder_sigma
+        self.r1_gamma = s.r1_gamma
+        self.r1_interval = s.r1_interval
+        self.d_lr_scale = s.d_lr_scale
 
     def make_aux(self, teacher):
         """The discriminator, on the teacher's device (the teacher gives its encoder, or only its label_dim)."""
@@ -106,7 +99,7 @@ class GDD(DistillationMethod):
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Non-saturating loss of x_g; gradients reach G through the discriminator's input only."""
         x_g = self.generate(generator, z, class_labels)
-        with frozen(aux, eval_mode=False):  # as in GDD, D's batch norm keeps using batch statistics here
+        with frozen(aux, keep_mode=True):  # as in GDD, D's batch norm keeps using batch statistics here
             return generator_gan_loss(aux(x_g, class_labels))
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):

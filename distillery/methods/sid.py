@@ -1,8 +1,9 @@
-"""SiD: Score identity Distillation (Zhou et al., ICML 2024), ALGORITHMS.md §3.1."""
+"""SiD: Score identity Distillation (Zhou et al., ICML 2024), docs/methods.md §3.1."""
 
 import torch
 
 from distillery.methods.base import FakeScoreMethod
+from distillery.registry import SiDSettings
 
 
 def sid_sigmas(batch_size, t_max=800, sigma_min=0.002, sigma_max=80, rho=7, device=None):
@@ -29,12 +30,10 @@ def sid_generator_loss(x_g, d_teacher, d_fake, alpha):
 class SiD(FakeScoreMethod):
     """SiD generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
-    def __init__(self, alpha=1.2, sigma_init=2.5, t_max=800, sigma_data=0.5, P_mean=-1.2, P_std=1.2,
-                 loss_scale_g=100, augment_p=0.0):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
-        self.alpha = alpha
-        self.t_max = t_max
-        self.loss_scale_g = loss_scale_g
+    def __init__(self, **settings):
+        s = SiDSettings(**settings)
+        super().__init__(s)
+        self.alpha, self.t_max, self.loss_scale_g = s.alpha, s.t_max, s.loss_scale_g
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Scalar generator loss: sum of per-sample SiD losses * loss_scale_g / batch.

@@ -1,4 +1,4 @@
-"""SIM: Score Implicit Matching (Luo, Huang, Geng, Kolter, Qi; NeurIPS 2024), ALGORITHMS.md §3.2.
+"""SIM: Score Implicit Matching (Luo, Huang, Geng, Kolter, Qi; NeurIPS 2024), docs/methods.md §3.2.
 
 No official training code exists; the loss below is the reconstruction of §3.2, checked in
 tests/test_sim.py against finite differences of the divergence on an exact Gaussian teacher.
@@ -29,8 +29,7 @@ Choices the paper's text would settle but that were not readable (§3.2, §9), m
 from distillery.edm import broadcast_per_sample
 from distillery.methods.base import FakeScoreMethod
 from distillery.methods.sid import sid_sigmas
-
-DISTANCES = ('pseudo_huber', 'l2')
+from distillery.registry import SIMSettings
 
 
 def pseudo_huber_derivative(y, c):
@@ -69,18 +68,11 @@ def sim_generator_loss(x_g, d_teacher, d_fake, sigma, distance, c, weight_power)
 class SIM(FakeScoreMethod):
     """SIM generator loss; the fake-score update is the shared one of FakeScoreMethod."""
 
-    def __init__(self, sigma_init=2.5, c=0.4, t_max=800, distance='pseudo_huber', sigma_data=0.5, P_mean=-1.2,
-                 P_std=1.2, loss_scale_g=1, weight_power=2, augment_p=0.0):
-        super().__init__(sigma_init=sigma_init, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, augment_p=augment_p)
-        if distance not in DISTANCES:
-            raise ValueError(f'distance must be one of {DISTANCES}, not {distance!r}')
-        if distance == 'pseudo_huber' and not c > 0:
-            raise ValueError(f'the pseudo-Huber constant c must be positive, not {c}')
-        self.c = c
-        self.t_max = t_max
-        self.distance = distance
-        self.loss_scale_g = loss_scale_g
-        self.weight_power = weight_power
+    def __init__(self, **settings):
+        s = SIMSettings(**settings)
+        super().__init__(s)
+        self.c, self.t_max, self.distance = s.c, s.t_max, s.distance
+        self.loss_scale_g, self.weight_power = s.loss_scale_g, s.weight_power
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         """Scalar generator loss: sum of per-sample SIM losses * loss_scale_g / batch.

@@ -1,0 +1,108 @@
+"""Every distillation method, registered once: its key in params.yaml, its display name, its settings
+(the one place their defaults live) and its class.
+
+Torch-free, so that the params schema can read it without importing a network; the class is imported
+when a run builds the method. Equations and sources of each setting: docs/methods.md §3.
+"""
+
+from importlib import import_module
+from typing import Annotated, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PosFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+TMax = Annotated[float, Field(gt=0, le=1000)]
+
+# the projected discriminator's feature networks (distillery.discriminators.BACKBONES)
+BACKBONES = ("vgg16_bn", "efficientnet_b0", "tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SiDSettings(Settings):
+    """docs/methods.md §3.1."""
+    alpha: float = 1.2
+    sigma_init: PosFloat = 2.5
+    t_max: TMax = 800
+    sigma_data: PosFloat = 0.5
+    P_mean: float = -1.2
+    P_std: PosFloat = 1.2
+    loss_scale_g: PosFloat = 100
+    augment_p: Probability = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
+
+
+class SIMSettings(Settings):
+    """docs/methods.md §3.2. c and the time weighting w(σ) = σ^weight_power are not published for CIFAR-10:
+    c = 0.4 puts the pseudo-Huber switch near σ ≈ 1 on the 8×8 toy (see distillery/methods/sim.py)."""
+    sigma_init: PosFloat = 2.5
+    c: Annotated[float, Field(ge=0)] = 0.4
+    t_max: TMax = 800
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    sigma_data: PosFloat = 0.5
+    P_mean: float = -1.2
+    P_std: PosFloat = 1.2
+    loss_scale_g: PosFloat = 1
+    weight_power: Annotated[float, Field(ge=0)] = 2
+    augment_p: Probability = 0.0
+
+    @model_validator(mode="after")
+    def huber_constant_positive(self):
+        # d′(y) = y/√(‖y‖² + c²) is 0/0 at y = 0 when c = 0, and y is exactly 0 while the fake net equals the teacher
+        if self.distance == "pseudo_huber" and not self.c > 0:
+            raise ValueError(f"c must be positive for the pseudo-Huber distance, got {self.c}")
+        return self
+
+
+class DiffInstructSettings(Settings):
+    """docs/methods.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
+    sigma_init: PosFloat = 1.0
+    sigma_data: PosFloat = 0.5
+    P_mean: float = -1.2
+    P_std: PosFloat = 1.2
+    loss_scale_g: PosFloat = 1
+    augment_p: Probability = 0.0
+
+
+class GDDSettings(Settings):
+    """docs/methods.md §3.3. `teacher_encoder` is the offline discriminator (frozen teacher encoder + heads);
+    `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision / timm)."""
+    discriminator: Literal["teacher_encoder", "projected"] = "teacher_encoder"
+    # projected: GDD's CIFAR-10 pair; at 64×64 GDD uses [deit_base_distilled_patch16_224, tf_efficientnet_lite0]
+    backbones: list[Literal[BACKBONES]] = Field(default=["vgg16_bn", "tf_efficientnet_lite0"], min_length=1)
+    backbone_weights: Literal["DEFAULT"] | None = "DEFAULT"  # None: random backbones (timing, tests)
+    resolution: Annotated[int, Field(gt=0)] = 224  # the projected discriminator's input size
+    proj_channels: Annotated[int, Field(gt=0)] = 64
+    head_channels: Annotated[int, Field(gt=0)] = 64
+    cmap_dim: Annotated[int, Field(gt=0)] = 64
+    sigma_init: PosFloat = 80
+    r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
+    r1_interval: Annotated[int, Field(gt=0)] = 16
+    d_lr_scale: PosFloat = 1.0  # D lr / G lr before the lazy-regularisation correction
+    encoder_sigma: PosFloat = 0.2
+
+
+class Method(NamedTuple):
+    name: str                 # the key in params.yaml (study.methods, its settings section)
+    display: str              # the name in tables and figures
+    settings: type[Settings]
+    target: str               # "module:Class"
+
+    def load(self):
+        module, cls = self.target.split(":")
+        return getattr(import_module(module), cls)
+
+    def build(self, settings: Settings | None = None, **overrides):
+        """The method object from settings (defaults when None), with optional overrides; the class validates them."""
+        return self.load()(**{**(settings.model_dump() if settings else {}), **overrides})
+
+
+METHODS = {m.name: m for m in [
+    Method("sid", "SiD", SiDSettings, "distillery.methods.sid:SiD"),
+    Method("sim", "SIM", SIMSettings, "distillery.methods.sim:SIM"),
+    Method("diff_instruct", "Diff-Instruct", DiffInstructSettings, "distillery.methods.diff_instruct:DiffInstruct"),
+    Method("gdd", "GDD", GDDSettings, "distillery.methods.gdd:GDD"),
+    Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
+]}

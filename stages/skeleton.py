@@ -1,0 +1,59 @@
+"""The one shape of every stage: arguments, validated params, one MLflow run, the exit status.
+
+`python -m stages.<name> [--flag value ...]` exits 0 when its outputs are written, 2 when params.yaml or the
+arguments are invalid (before any compute), and 1 when the stage fails while running; every output is written
+atomically, so a failed stage leaves the previous outputs as they were.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+from pipeline.params import load_params_or_exit
+from pipeline.tracking import stage_run
+
+
+class InvalidInput(Exception):
+    """The params or arguments ask for something the stage cannot do: refused before any compute (exit 2)."""
+
+
+class StageFailed(Exception):
+    """A failure while running whose message says all the user needs (exit 1, no traceback)."""
+
+
+class Silent:
+    """The run of a DDP rank other than 0: rank 0 alone logs to MLflow."""
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_artifact(self, path):
+        pass
+
+
+def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None):
+    """Run the stage `stage`: parse `arguments` ({flag: help}, all required), load params.yaml, resolve the stage's
+    name, open its MLflow run and call `body(params, args, run)`.
+
+    instance(params, args): the suffix of a foreach/matrix stage (`distill@<suffix>`), raising InvalidInput when
+    params.yaml defines no such stage; tags(params, args): the MLflow tags of the run (logged as params too).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, help in (arguments or {}).items():
+        parser.add_argument(flag, required=True, help=help)
+    args = parser.parse_args()
+    params = load_params_or_exit()
+    try:
+        name = f"{stage}@{instance(params, args)}" if instance else stage
+        run_tags = tags(params, args) if tags else {}
+    except InvalidInput as e:
+        print(f"{stage}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with stage_run(name, params.model_dump(), tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run:
+            body(params, args, run)
+    except StageFailed as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
