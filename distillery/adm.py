@@ -1,8 +1,8 @@
 """ADM UNet (Dhariwal & Nichol 2021) as EDM ships it for its ImageNet-64 teacher (`DhariwalUNet`).
 
-Written from the ADM paper, EDM App. B and ALGORITHMS.md §1.4, on the layer classes of
+Written from the ADM paper, EDM App. B and docs/methods.md §1.4, on the layer classes of
 `distillery.layers`, so that parameter and buffer names and shapes equal those of
-`edm-imagenet-64x64-cond-adm.pkl` (see shared/reference/edm_checkpoint_keys.txt, third section).
+`edm-imagenet-64x64-cond-adm.pkl` (listed in tests/data/edm_checkpoint_keys.txt, third section).
 """
 
 import math

@@ -1,4 +1,4 @@
-"""Non-leaking geometric augmentation: EDM (Karras et al. 2022) Appendix; ALGORITHMS.md §3.1 (SiD's fake-score loss uses it).
+"""Non-leaking geometric augmentation: EDM (Karras et al. 2022) Appendix; docs/methods.md §3.1 (SiD's fake-score loss uses it).
 
 `AugmentPipe.edm(p)` is EDM's `train.py --augment=p` (xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
 translate_frac=1). Its labels [N, 9] equal the official pipe's (NVlabs/edm training/augment.py), column by column:

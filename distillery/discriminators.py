@@ -1,4 +1,4 @@
-"""Discriminators for GAN distillation (GDD, ALGORITHMS.md §3.3).
+"""Discriminators for GAN distillation (GDD, docs/methods.md §3.3).
 
 Both return a list of logit tensors, one per head, each [B, n] (patch logits, flattened):
 

@@ -1,6 +1,6 @@
 """Read official EDM network pickles without running their code, and convert them to our network format.
 
-An EDM `.pkl` (ALGORITHMS.md §1.4) is a pickled dict {ema, loss_fn, augment_pipe, dataset_kwargs}. Its
+An EDM `.pkl` (docs/methods.md §1.4) is a pickled dict {ema, loss_fn, augment_pipe, dataset_kwargs}. Its
 networks pickle as `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the
 full source text of the defining module, which the stock unpickler `exec`s. `EDMUnpickler` resolves only an
 allow-list of globals: tensors and containers are rebuilt, every module becomes an inert `ModuleState`
@@ -78,7 +78,7 @@ _ALLOWED = {
 
 
 class EDMUnpickler(pickle.Unpickler):
-    """Allow-list unpickler for EDM pickles (ALGORITHMS.md §1.4, safe-loading recipe); never imports anything."""
+    """Allow-list unpickler for EDM pickles (docs/methods.md §1.4, safe-loading recipe); never imports anything."""
 
     def __init__(self, file, name="<pickle>"):
         super().__init__(file)

@@ -27,7 +27,7 @@ def fid_only(images_uint8, feature_net, reference_stats, batch_size=500):
 
 
 def aggregate_fids(values, how):
-    """One FID from independent trials (ALGORITHMS.md §2.1): EDM's minimum, or SiD's mean with its spread
+    """One FID from independent trials (docs/methods.md §2.1): EDM's minimum, or SiD's mean with its spread
     (standard deviation over trials, ddof = 1; 0 for a single trial)."""
     values = [float(v) for v in values]
     fid = min(values) if how == "min" else float(np.mean(values))

@@ -1,7 +1,7 @@
 """EDM networks: the preconditioned denoiser (EDMPrecond) around a DDPM++/NCSN++ UNet (SongUNet).
 
-Written from Karras et al. 2022 (EDM, App. B and Table 1) and ALGORITHMS.md §1.1. Parameter and
-buffer names follow the official checkpoints (see shared/reference/edm_checkpoint_keys.txt) so that
+Written from Karras et al. 2022 (EDM, App. B and Table 1) and docs/methods.md §1.1. Parameter and
+buffer names follow the official checkpoints (listed in tests/data/edm_checkpoint_keys.txt) so that
 their weights load with `load_state_dict(strict=True)`.
 """
 
@@ -144,7 +144,7 @@ def edm_scalings(sigma, sigma_data=0.5):
 
 
 class EDMPrecond(nn.Module):
-    """D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)) (EDM eq. 7, ALGORITHMS.md §1.1)."""
+    """D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)) (EDM eq. 7, docs/methods.md §1.1)."""
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
                  sigma_min=0, sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", **model_kwargs):
@@ -178,7 +178,7 @@ class EDMPrecond(nn.Module):
         return torch.as_tensor(sigma)
 
 
-# Architecture presets of the official EDM checkpoints (ALGORITHMS.md §1.4).
+# Architecture presets of the official EDM checkpoints (docs/methods.md §1.4).
 ARCHITECTURES = {
     "ddpmpp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
                    channel_mult_noise=1, resample_filter=[1, 1]),
@@ -187,7 +187,7 @@ ARCHITECTURES = {
 }
 
 
-# ADM as retrained by EDM for ImageNet-64 (edm-imagenet-64x64-cond-adm.pkl, ALGORITHMS.md §1.4).
+# ADM as retrained by EDM for ImageNet-64 (edm-imagenet-64x64-cond-adm.pkl, docs/methods.md §1.4).
 ADM = dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
            attn_resolutions=[32, 16, 8], augment_dim=0, dropout=0.1)
 

@@ -1,7 +1,7 @@
 """Published one-step results for settings that match a profile, with their sources.
 
-Only numbers that ALGORITHMS.md §4 marks as verified ([V-readme]/[V-page]) are listed; the ones it
-marks [R] (recalled, unverified) are left out on purpose. These rows are never mixed into the table
+Only numbers that docs/methods.md §4 marks "read" (in the named README, abstract or page) are listed; the
+"unconfirmed" ones are left out on purpose. These rows are never mixed into the table
 of our own runs: the report prints them as a separate, labelled table.
 """
 

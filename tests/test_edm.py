@@ -9,7 +9,7 @@ from distillery.edm import (StackedRandomGenerator, edm_loss, ema_update, heun_s
 
 F64 = torch.float64
 
-# ALGORITHMS.md §1.3, CIFAR-10 levels for N = 18, at the precision printed there.
+# docs/methods.md §1.3, CIFAR-10 levels for N = 18, at the precision printed there.
 CIFAR_SIGMAS = ['80', '57.59', '40.79', '28.37', '19.35', '12.91', '8.40', '5.32', '3.26', '1.92', '1.09',
                 '0.585', '0.296', '0.140', '0.060', '0.023', '0.0075', '0.002', '0']
 

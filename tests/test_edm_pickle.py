@@ -1,6 +1,6 @@
 """EDM pickles are read without running their embedded code and convert bit-exactly into our networks.
 
-The fixture pickles are written here in the official format (ALGORITHMS.md §1.4): a dict {ema, loss_fn,
+The fixture pickles are written here in the official format (docs/methods.md §1.4): a dict {ema, loss_fn,
 augment_pipe, dataset_kwargs} whose networks pickle as
 `torch_utils.persistence._reconstruct_persistent_obj(meta)` with the module source inside `meta`, and
 whose tensors pickle the ordinary torch way.
@@ -23,7 +23,7 @@ from distillery.networks import build_network, edm_config
 
 # numpy.core.multiarray under numpy 1.x (as in the official files), numpy._core.multiarray under numpy 2
 NUMPY_SCALAR = f"{np.float64(0).__reduce__()[0].__module__}.scalar"
-# Globals referenced by a real EDM/SiD pickle (ALGORITHMS.md §1.4, Hugging Face's scan).
+# Globals referenced by a real EDM/SiD pickle (docs/methods.md §1.4, Hugging Face's scan).
 OFFICIAL_GLOBALS = {
     "collections.OrderedDict", "torch_utils.persistence._reconstruct_persistent_obj", "numpy.dtype", NUMPY_SCALAR,
     "torch.storage._load_from_bytes", "torch.nn.modules.container.ModuleDict", "torch._utils._rebuild_tensor_v2",

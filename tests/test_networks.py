@@ -42,7 +42,7 @@ def test_cifar10_ddpmpp_names_and_shapes_equal_official(name, label_dim):
 
 @pytest.mark.parametrize("label_dim,n_params", [(0, 56_397_827), (10, 56_400_643)])
 def test_cifar10_ncsnpp_parameter_count_equals_official(label_dim, n_params):
-    # ALGORITHMS.md §1.4: counts of edm-cifar10-32x32-{uncond,cond}-ve.pkl
+    # docs/methods.md §1.4: counts of edm-cifar10-32x32-{uncond,cond}-ve.pkl
     net = build_network(edm_config("ncsnpp", 32, 3, label_dim=label_dim))
     assert sum(p.numel() for p in net.parameters()) == n_params
     assert "model.map_noise.freqs" in net.state_dict()
@@ -50,7 +50,7 @@ def test_cifar10_ncsnpp_parameter_count_equals_official(label_dim, n_params):
 
 
 def test_scalings_match_edm_anchors():
-    # ALGORITHMS.md §1.1 numerical anchors
+    # docs/methods.md §1.1 numerical anchors
     sigma = torch.tensor([2.5, 80.0, 1.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = edm_scalings(sigma)
     torch.testing.assert_close(c_skip, torch.tensor([0.03846, 3.9e-5, 0.2], dtype=torch.float64), atol=1e-5, rtol=1e-3)

@@ -80,6 +80,6 @@ def test_per_method_settings_override_only_their_own_keys_and_method():
     assert (sid.batch, sid.ema_halflife_kimg, sid.generator_adam_betas) == (8192, 2000, (0.9, 0.999))
     assert (sid.duration_kimg, sid.adam_betas, sid.monitor_kimg) == (d.duration_kimg, d.adam_betas, d.monitor_kimg)
     assert (sim.batch, sim.ema_halflife_kimg, sim.generator_adam_betas) == (d.batch, d.ema_halflife_kimg, None)
-    # the toy's GDD runs use GDD's Adam betas (ALGORITHMS.md §3.3), the score methods the common ones
+    # the toy's GDD runs use GDD's Adam betas (docs/methods.md §3.3), the score methods the common ones
     toy_d = load_params(ROOT / "params.yaml").distill
     assert toy_d.for_method("gdd").adam_betas == (0.0, 0.99) and toy_d.for_method("sid").adam_betas == (0.0, 0.999)

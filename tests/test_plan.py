@@ -40,7 +40,7 @@ def test_plan_of_a_64px_profile_runs_offline(profile, teacher, lrs):
     ("cifar10-uncond", 55_733_891), ("cifar10-cond", 55_735_299), ("ffhq-64", 61_805_571),
     ("afhqv2-64", 61_805_571), ("imagenet-64", 295_899_267)])
 def test_each_profile_describes_its_official_teacher(profile, n_params):
-    # parameter counts of the official checkpoints, ALGORITHMS.md §1.4 (the meta device allocates nothing)
+    # parameter counts of the official checkpoints, docs/methods.md §1.4 (the meta device allocates nothing)
     with torch.device("meta"):
         net = network(load_params(ROOT / "profiles" / f"{profile}.yaml"))
     assert sum(p.numel() for p in net.parameters()) == n_params

@@ -25,7 +25,7 @@ def test_published_rows_carry_sources_and_leave_out_unverified_numbers():
     rows = published_rows("cifar10-uncond")
     assert {"SiD (α = 1.2)", "SIM", "GDD-I"} <= {r["method"] for r in rows}
     assert all(r["source"] for profile in PUBLISHED for r in published_rows(profile))
-    # ALGORITHMS.md §4 marks Diff-Instruct 4.53 and GDD 1.66 on CIFAR-10 as [R]: they must not appear
+    # docs/methods.md §4 marks Diff-Instruct 4.53 and GDD 1.66 on CIFAR-10 "unconfirmed": they must not appear
     assert not [r for r in rows if r["FID"] in (4.53, 1.66)]
 
 

@@ -73,7 +73,7 @@ def sid_gradient(alpha, mu, log_s, mu_p, s_p, sigma, batch=200_000):
 
 @pytest.mark.parametrize('alpha, frozen_sampling', [(1.0, True), (0.5, False)])
 def test_sid_gradient_is_half_the_fisher_divergence_gradient(alpha, frozen_sampling):
-    # ALGORITHMS.md §3.1: alpha = 1 <-> Fisher divergence with the sampling distribution frozen at theta;
+    # docs/methods.md §3.1: alpha = 1 <-> Fisher divergence with the sampling distribution frozen at theta;
     # alpha = 0.5 <-> the full Fisher divergence (sampling distribution differentiated too).
     mu, log_s = torch.tensor([0.2, 0.4], dtype=F64), torch.tensor(-0.3, dtype=F64)
     mu_p, s_p, sigma = torch.tensor([1.0, -0.5], dtype=F64), 1.3, 0.7

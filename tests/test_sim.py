@@ -26,7 +26,7 @@ def test_a_descent_step_moves_the_mean_toward_the_teacher_and_a_flipped_sign_doe
     assert_step_moves_toward_teacher(generator, loss, mu_p)
 
 
-# Fixed-sigma check of the score gradient theorem (ALGORITHMS.md §3.2) on N(mu, s^2) vs N(mu_p, s_p^2), 2-D.
+# Fixed-sigma check of the score gradient theorem (docs/methods.md §3.2) on N(mu, s^2) vs N(mu_p, s_p^2), 2-D.
 MU, LOG_S = torch.tensor([0.2, 0.4], dtype=F64), torch.tensor(-0.3, dtype=F64)
 MU_P, S_P, SIGMA, C = torch.tensor([1.0, -0.5], dtype=F64), 1.3, 0.7, 0.5  # typical ||y|| ~ 0.8, so c matters
 
@@ -98,7 +98,7 @@ def test_detaching_the_d_prime_factor_changes_the_gradient():
 
 
 def test_squared_l2_sim_is_twice_sid_with_alpha_one_under_the_same_weighting():
-    # ALGORITHMS.md §8 test 1 on random tensors and tiny random networks.
+    # docs/methods.md §8 test 1 on random tensors and tiny random networks.
     torch.manual_seed(0)
     generator = torch.nn.Linear(6, 6).to(F64)
     teacher, fake = MLPDenoiser(6, seed=1), MLPDenoiser(6, seed=2)
