@@ -27,6 +27,8 @@ demo: install
 	@cat reports/results.md
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 clean:
