@@ -9,6 +9,8 @@ import torch
 from distillery.checkpoint import load_network, save_network
 from distillery.networks import build_network, edm_config
 
+from toys import seeded_network
+
 KEYS_FILE = Path(__file__).parent / "data" / "edm_checkpoint_keys.txt"
 SECTION = "edm-imagenet-64x64-cond-adm"
 
@@ -49,15 +51,10 @@ def test_imagenet_adm_names_shapes_and_count_equal_official():
 
 
 def tiny_adm(label_dim=5, augment_dim=9):
-    torch.manual_seed(0)
     config = dict(img_resolution=16, img_channels=3, label_dim=label_dim, model_type="DhariwalUNet", model_channels=32,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=augment_dim, dropout=0.0)
-    net = build_network(config).eval()
     # ADM zero-initialises its output conv (D would be c_skip·x); random weights make F visible
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return net, config
+    return seeded_network(config, perturb=0.1).eval(), config
 
 
 def test_tiny_adm_forward_shape_and_conditioning():

@@ -8,22 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distillery.methods.sid import SiD
-from distillery.networks import build_network, edm_config
 from distillery.training import distill
-from toys import tiny_run
+from toys import tiny_edm, tiny_run
 
 STEPS, BATCH, SHARDS = 3, 8, 2
 
 
-def tiny_teacher():
-    torch.manual_seed(0)
-    net = build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                   attn_resolutions=[4], augment_dim=0, dropout=0.1))
-    return net.eval().requires_grad_(False)
-
-
 def train(lr=1e-3):
-    teacher = tiny_teacher()
+    teacher = tiny_edm(dropout=0.1).eval().requires_grad_(False)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SiD()
     ema, _, _ = distill(method, teacher, generator, method.make_aux(teacher),
@@ -57,7 +49,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for name, value in single.items():
         torch.testing.assert_close(ddp["weights"][name], value, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(ddp["ema"][name], single_ema[name], rtol=1e-4, atol=1e-6, msg=name)
-        moved = max(moved, (value - tiny_teacher().state_dict()[name]).abs().max().item())
+        moved = max(moved, (value - tiny_edm(dropout=0.1).state_dict()[name]).abs().max().item())
     assert moved > 1e-4  # the comparison is between trained weights, not two copies of the teacher
     # and a different global batch split (one shard) is a different run: the test can tell them apart
     global SHARDS

@@ -4,9 +4,9 @@ import math
 import torch
 
 from distillery.methods.diff_instruct import DiffInstruct, same_dropout_pair, train_mode
-from distillery.networks import build_network, edm_config
 from distillery.training import distill
-from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_run
+from toys import (F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm,
+                  tiny_run)
 
 
 class FixedSamples(torch.nn.Module):
@@ -18,18 +18,6 @@ class FixedSamples(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         return self.x
-
-
-def tiny_edm(dropout):
-    """A small EDMPrecond with perturbed weights: at initialisation the convolution right after each
-    dropout is zero, which would make dropout invisible in the output."""
-    torch.manual_seed(0)
-    net = build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                   attn_resolutions=[4], augment_dim=0, dropout=dropout))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 def test_a_descent_step_moves_the_mean_toward_the_teacher_and_a_flipped_sign_does_not():
@@ -67,7 +55,9 @@ def test_the_gradient_on_each_sample_is_fake_minus_teacher_denoiser_and_no_netwo
 
 
 def test_teacher_and_fake_with_equal_weights_draw_the_same_dropout_masks():
-    teacher = tiny_edm(dropout=0.5).eval()
+    # perturbed weights: at initialisation the convolution right after each dropout is zero, which would make
+    # dropout invisible in the output
+    teacher = tiny_edm(dropout=0.5, perturb=0.1).eval()
     fake = copy.deepcopy(teacher)
     torch.manual_seed(1)
     x_t, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.5, 1.0, 3.0]).reshape(4, 1, 1, 1)
@@ -83,7 +73,7 @@ def test_teacher_and_fake_with_equal_weights_draw_the_same_dropout_masks():
 
 
 def test_a_generator_step_against_an_equal_fake_is_exactly_zero_with_dropout_on():
-    teacher = tiny_edm(dropout=0.5).eval().requires_grad_(False)
+    teacher = tiny_edm(dropout=0.5, perturb=0.1).eval().requires_grad_(False)
     generator, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).train()
     torch.manual_seed(1)
     loss = DiffInstruct().generator_loss(generator, fake, teacher, torch.randn(8, 1, 8, 8))
@@ -104,7 +94,7 @@ def test_non_finite_samples_are_dropped():
 
 
 def test_distill_runs_diff_instruct_on_a_tiny_edm_network():
-    teacher = tiny_edm(dropout=0.5).eval().requires_grad_(False)
+    teacher = tiny_edm(dropout=0.5, perturb=0.1).eval().requires_grad_(False)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = DiffInstruct()
     losses = []

@@ -6,16 +6,11 @@ import torch
 from distillery.analytic import GaussianMixture, gaussian_pf_ode
 from distillery.edm import (StackedRandomGenerator, edm_loss, ema_update, heun_sampler, karras_sigmas,
                             ramped_lr, seeded_latents)
-
-F64 = torch.float64
+from toys import F64, gaussian
 
 # docs/methods.md §1.3, CIFAR-10 levels for N = 18, at the precision printed there.
 CIFAR_SIGMAS = ['80', '57.59', '40.79', '28.37', '19.35', '12.91', '8.40', '5.32', '3.26', '1.92', '1.09',
                 '0.585', '0.296', '0.140', '0.060', '0.023', '0.0075', '0.002', '0']
-
-
-def single_gaussian(mean, std):
-    return GaussianMixture(torch.tensor([mean], dtype=F64), torch.tensor([std], dtype=F64), torch.ones(1, dtype=F64))
 
 
 class CountingDenoiser:
@@ -91,7 +86,7 @@ def test_karras_sigmas_match_the_cifar10_schedule():
 @pytest.mark.parametrize('num_steps', [1, 2, 18])
 @pytest.mark.parametrize('S_churn', [0, 40])
 def test_heun_sampler_calls_the_denoiser_2n_minus_1_times(num_steps, S_churn):
-    net = CountingDenoiser(single_gaussian([0.1, -0.2], 0.5))
+    net = CountingDenoiser(gaussian([0.1, -0.2], 0.5))
     latents = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     out = heun_sampler(net, latents, num_steps=num_steps, S_churn=S_churn)
     assert len(net.sigmas) == 2 * num_steps - 1
@@ -102,7 +97,7 @@ def test_heun_sampler_calls_the_denoiser_2n_minus_1_times(num_steps, S_churn):
 
 def test_heun_converges_to_the_exact_gaussian_ode_solution():
     mean, std = [0.3, -0.2, 0.1], 0.5
-    teacher = single_gaussian(mean, std)
+    teacher = gaussian(mean, std)
     latents = torch.randn(256, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     exact = gaussian_pf_ode(latents * 80, 80, 0, torch.tensor(mean, dtype=F64), std)
     steps = [8, 16, 32, 64]
@@ -150,7 +145,7 @@ def test_seeded_latents_follow_the_per_seed_generator_convention():
 
 
 def test_stochastic_heun_image_depends_only_on_its_own_seed():
-    teacher = single_gaussian([0.2, -0.1], 0.5)
+    teacher = gaussian([0.2, -0.1], 0.5)
 
     def sample(seeds):
         rnd = StackedRandomGenerator('cpu', seeds)
@@ -169,7 +164,7 @@ def test_edm_loss_weighting_makes_the_ideal_loss_one_per_element():
     torch.manual_seed(0)
     mean = torch.tensor([0.3, -0.1, 0.0, 0.2, 0.5, -0.4, 0.1, 0.0], dtype=F64)
     data = mean + 0.5 * torch.randn(20000, 8, dtype=F64)
-    net = CountingDenoiser(single_gaussian(mean.tolist(), 0.5))
+    net = CountingDenoiser(gaussian(mean.tolist(), 0.5))
     loss = edm_loss(net, data)
     assert loss.shape == data.shape
     assert loss.mean().item() == pytest.approx(1.0, abs=0.02)

@@ -9,21 +9,7 @@ from distillery.discriminators import BACKBONES, ProjectedDiscriminator, Teacher
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
 from distillery.training import TrainingData, distill
-from toys import tiny_run
-
-F64 = torch.float64
-
-
-class AffineGenerator(torch.nn.Module):
-    """G(x; sigma) = mu + s * x / sigma, so GDD's G(80 z; 80) = mu + s z."""
-
-    def __init__(self, mu, s):
-        super().__init__()
-        self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64).clone())
-        self.s = s
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.mu + self.s * x / sigma
+from toys import F64, AffineGenerator, tiny_edm, tiny_run
 
 
 class OptimalDiscriminator(torch.nn.Module):
@@ -50,12 +36,6 @@ class LinearDiscriminator(torch.nn.Module):
 
     def forward(self, x, class_labels=None):
         return [self.lin(x.flatten(1))]
-
-
-def tiny_teacher():
-    torch.manual_seed(0)
-    return build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                    attn_resolutions=[4], augment_dim=0, dropout=0.0)).eval().requires_grad_(False)
 
 
 @pytest.mark.parametrize("arch,kwargs,total_m,kept_m,frozen_pct", [
@@ -104,7 +84,7 @@ def test_gdd_i_freezes_84_percent_of_the_cifar10_ncsnpp_generator():
 def test_generator_step_against_the_optimal_discriminator_moves_the_mean_toward_the_data():
     torch.manual_seed(0)
     mu_data, s_data, s_g = torch.tensor([1.0, -0.5, 0.3], dtype=F64), 1.0, 0.8
-    generator = AffineGenerator([-0.4, 0.6, 0.9], s_g)
+    generator = AffineGenerator([-0.4, 0.6, 0.9], scale=s_g)
     disc = OptimalDiscriminator(mu_data, s_data, generator.mu.detach().clone(), s_g)
     z = torch.randn(4096, 3, dtype=F64)
     loss = GDD().generator_loss(generator, disc, None, z)
@@ -125,7 +105,7 @@ def test_generator_step_against_the_optimal_discriminator_moves_the_mean_toward_
 
 def test_discriminator_steps_increase_the_real_fake_margin():
     torch.manual_seed(0)
-    generator = AffineGenerator([-1.0, 0.0], 0.3)
+    generator = AffineGenerator([-1.0, 0.0], scale=0.3)
     real = torch.randn(256, 2, dtype=F64) * 0.3 + torch.tensor([1.0, 0.0], dtype=F64)
     disc = LinearDiscriminator(2)
     with torch.no_grad():  # start from a discriminator that has it the wrong way round
@@ -171,7 +151,7 @@ def test_r1_equals_the_closed_form_for_a_linear_discriminator(gamma):
 def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
     # batch 8 for 5 iterations with r1_interval 2; the checkpoint after 4 iterations (0..3) holds D's Adam
     # state: 4 D steps + 1 R1 step (iteration 2) for every parameter that R1 reaches
-    teacher = tiny_teacher()
+    teacher = tiny_edm().eval().requires_grad_(False)
     method = GDD(r1_interval=2)
     torch.manual_seed(1)
     generator, disc = method.make_generator(teacher), method.make_aux(teacher)
@@ -186,7 +166,7 @@ def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
 
 
 def test_optimizers_apply_the_lazy_regularisation_correction_to_d_only():
-    teacher = tiny_teacher()
+    teacher = tiny_edm().eval().requires_grad_(False)
     method = GDDI()
     generator, disc = copy.deepcopy(teacher).requires_grad_(True), method.make_aux(teacher)
     opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.0, 0.99), eps=1e-8)
@@ -202,7 +182,7 @@ def test_optimizers_apply_the_lazy_regularisation_correction_to_d_only():
 
 
 def test_teacher_encoder_discriminator_heads_on_every_encoder_resolution():
-    teacher = tiny_teacher().train().requires_grad_(True)  # frozen by the discriminator, not by its caller
+    teacher = tiny_edm()  # in train mode and trainable: frozen by the discriminator, not by its caller
     torch.manual_seed(1)
     disc = TeacherEncoderDiscriminator(teacher)
     x = torch.rand(3, 1, 8, 8) * 2 - 1
@@ -219,9 +199,7 @@ def test_teacher_encoder_discriminator_heads_on_every_encoder_resolution():
     assert generator.model.map_layer0.weight.grad.abs().sum() > 0
     assert disc.heads.training and all(p.requires_grad for p in disc.heads.parameters())
     # class-conditional: the logits depend on the label through the teacher's label map and the projection heads
-    torch.manual_seed(0)
-    cond_teacher = build_network(edm_config("ddpmpp", 8, 1, label_dim=3, model_channels=8, channel_mult=[1, 2],
-                                            num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0))
+    cond_teacher = tiny_edm(label_dim=3)
     cond = TeacherEncoderDiscriminator(cond_teacher)
     a, b = cond(x, torch.eye(3)[[0, 1, 2]]), cond(x, torch.eye(3)[[1, 2, 0]])
     assert all(l.shape == m.shape and not torch.allclose(l, m) for l, m in zip(a, b))
@@ -276,7 +254,7 @@ def test_projected_discriminator_at_gdd_resolution_with_deit():
 def test_the_discriminator_keeps_batch_statistics_during_the_generator_step():
     # GDD's generator step runs D with requires_grad off but in training mode: batch norm uses batch statistics
     torch.manual_seed(0)
-    teacher = tiny_teacher()
+    teacher = tiny_edm().eval().requires_grad_(False)
     method = GDD(discriminator="projected", backbone_weights=None, resolution=32)
     generator, disc = method.make_generator(teacher), method.make_aux(teacher).train()
     bn = disc.heads[0].main[1]
@@ -288,7 +266,7 @@ def test_the_discriminator_keeps_batch_statistics_during_the_generator_step():
 
 @pytest.mark.parametrize("method_class", [GDD, GDDI])
 def test_distill_runs_gdd_without_a_teacher(method_class):
-    teacher = tiny_teacher()
+    teacher = tiny_edm().eval().requires_grad_(False)
     teacher_state = copy.deepcopy(teacher.state_dict())
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = method_class(r1_interval=2)

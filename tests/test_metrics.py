@@ -73,9 +73,18 @@ def test_feature_net_defaults_come_from_the_extractor():
     assert (inception.fid_key, inception.isc_key) == ("2048", "logits_unbiased")
 
 
-def test_registration_survives_reimport():
-    importlib.reload(distillery.metrics)
-    assert DIGITS_EXTRACTOR in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+def test_registration_survives_reimport(image_sets, features, classifier):
+    # `features` were computed through torch-fidelity's registry before the reload
+    reloaded = importlib.reload(distillery.metrics)  # must not trip torch-fidelity's duplicate-name check
+    registered = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR]
+    assert issubclass(registered, torch_fidelity.FeatureExtractorBase)
+    assert (registered.__module__, registered.__qualname__) == ("distillery.metrics", "DigitsFeatureExtractor")
+    # the name still gives a working DigitsNet extractor: torch-fidelity computes the same features with it
+    feature_net = reloaded.FeatureNet(DIGITS_EXTRACTOR, classifier["directory"])
+    again = reloaded.extract_features(image_sets["heldout"], feature_net)
+    assert again.keys() == features["heldout"].keys() == {"features", "logits_unbiased"}
+    for key, value in features["heldout"].items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
 def test_classifier_heldout_accuracy(classifier):

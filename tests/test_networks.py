@@ -8,6 +8,8 @@ import torch
 
 from distillery.networks import build_network, edm_config, edm_scalings
 
+from toys import tiny_edm
+
 KEYS_FILE = Path(__file__).parent / "data" / "edm_checkpoint_keys.txt"
 
 
@@ -59,22 +61,36 @@ def test_scalings_match_edm_anchors():
     torch.testing.assert_close(c_noise, torch.tensor([0.22907, 1.0955, 0.0], dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-def tiny(arch, label_dim=0):
-    torch.manual_seed(0)
-    return build_network(edm_config(arch, 8, 1, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
-                                    num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)).eval()
+@pytest.mark.parametrize("arch,label_dim", [("ddpmpp", 0), ("ncsnpp", 0), ("ddpmpp", 10)])
+def test_denoiser_is_edm_eq7_around_the_inner_network(arch, label_dim):
+    # D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), EDM eq. 7 with Table 1 at σ_data = 0.5, against the inner UNet
+    # called directly. Random weights: the zero-initialised output convolution would leave F ≈ 0, D ≈ c_skip·x.
+    net = tiny_edm(arch, label_dim=label_dim, model_channels=16, perturb=0.1).eval()
+    torch.manual_seed(1)
+    x = torch.randn(5, 1, 8, 8)
+    sigma = torch.tensor([0.2, 0.5, 1.0, 2.5, 40.0])
+    labels = torch.eye(10)[[1, 2, 3, 4, 5]] if label_dim else None
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip, c_out = 0.25 / (s ** 2 + 0.25), 0.5 * s / (s ** 2 + 0.25).sqrt()
+    c_in, c_noise = 1 / (s ** 2 + 0.25).sqrt(), sigma.log() / 4
+    with torch.no_grad():
+        F_x = net.model(c_in * x, c_noise, class_labels=labels)
+        # the network term is a sizeable part of D at every σ, so a wrong c_out, c_in or c_noise shows
+        assert ((c_out * F_x).flatten(1).norm(dim=1) > 0.05 * (c_skip * x).flatten(1).norm(dim=1)).all()
+        assert (F_x.flatten(1).std(dim=1) > 0.1).all()
+        torch.testing.assert_close(net(x, sigma, labels), c_skip * x + c_out * F_x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
 def test_denoiser_is_preconditioned_identity_at_small_sigma(arch):
-    # c_skip → 1 and c_out → 0 as σ → 0: D(x; σ) ≈ x whatever the inner network says
-    net = tiny(arch)
+    # c_skip → 1 and c_out → 0 as σ → 0: D(x; σ) ≈ x whatever the inner network says (random weights, F ≠ 0)
+    net = tiny_edm(arch, model_channels=16, perturb=0.1).eval()
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(net(x, torch.full([4], 1e-4)), x, atol=1e-3, rtol=0)
 
 
 def test_denoiser_output_depends_on_sigma_and_label_and_is_per_sample():
-    net = tiny("ddpmpp", label_dim=10)
+    net = tiny_edm("ddpmpp", label_dim=10, model_channels=16).eval()
     x = torch.randn(3, 1, 8, 8)
     labels = torch.eye(10)[[1, 2, 3]]
     out = net(x, torch.full([3], 1.0), labels)

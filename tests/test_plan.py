@@ -49,8 +49,10 @@ def test_each_profile_describes_its_official_teacher(profile, n_params):
 def test_dag_is_dvcs_own_rendering_of_the_profile():
     stages = dag(ROOT, ROOT / "profiles" / "cifar10-uncond.yaml")
     assert len([s for s in stages if s.startswith("distill@")]) == 10
-    assert stages["evaluate@sid-1e-5"] == sorted(stages["evaluate@sid-1e-5"])
-    assert "distill@sid-1e-5" in stages["evaluate@sid-1e-5"]
+    # exactly the stages whose outputs dvc.yaml lists as deps: runs/sid-1e-5, models/features,
+    # stats/reference{,_features}.npz and stats/teacher.npz
+    assert stages["evaluate@sid-1e-5"] == ["distill@sid-1e-5", "features", "reference_stats", "teacher_samples"]
+    assert stages["distill@sid-1e-5"] == ["data", "features", "reference_stats", "teacher"]
     order = list(stages)
     assert order.index("teacher") < order.index("distill@sid-1e-5") < order.index("report")
 

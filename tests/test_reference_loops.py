@@ -13,19 +13,8 @@ from distillery.methods.diff_instruct import DiffInstruct
 from distillery.methods.gdd import GDD
 from distillery.methods.sid import SiD
 from distillery.methods.sim import SIM
-from distillery.networks import build_network, edm_config
 from distillery.training import TrainingData, distill, sanitize_grads
-from toys import tiny_run
-
-
-def dropout_net(label_dim=0, augment_dim=0):
-    torch.manual_seed(0)
-    net = build_network(edm_config("ddpmpp", 8, 1, label_dim=label_dim, model_channels=8, channel_mult=[1, 2],
-                                   num_blocks=1, attn_resolutions=[4], augment_dim=augment_dim, dropout=0.5))
-    with torch.no_grad():  # a zero-initialised output conv would hide dropout: give every weight a value
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return net.eval().requires_grad_(False)
+from toys import tiny_edm, tiny_run
 
 
 def record_calls(net):
@@ -39,7 +28,8 @@ def record_calls(net):
 def test_fake_score_samples_come_from_the_eval_mode_generator(method_class):
     # SiD's and Diff-Instruct's loops switch G to eval (no dropout) to make the fake score's samples
     method = method_class()
-    teacher = dropout_net()
+    # a zero-initialised output conv would hide dropout: every weight is redrawn
+    teacher = tiny_edm(dropout=0.5, perturb=0.3, redraw=True).eval().requires_grad_(False)
     generator, fake = method.make_generator(teacher).train(), method.make_aux(teacher)
     calls = record_calls(generator)
     z = torch.randn(6, 1, 8, 8)
@@ -54,7 +44,7 @@ def test_fake_score_samples_come_from_the_eval_mode_generator(method_class):
 @pytest.mark.parametrize("method_class", [SiD, SIM, DiffInstruct])
 def test_the_generator_loss_runs_the_generator_with_dropout(method_class):
     method = method_class()
-    teacher = dropout_net()
+    teacher = tiny_edm(dropout=0.5, perturb=0.3, redraw=True).eval().requires_grad_(False)
     generator, fake = method.make_generator(teacher), method.make_aux(teacher)
     calls = record_calls(generator)
     distill(method, teacher, generator, fake, tiny_run(duration_kimg=0.016))
@@ -66,7 +56,7 @@ def test_the_generator_loss_runs_the_generator_with_dropout(method_class):
 def test_conditional_runs_generate_with_the_labels_of_the_data_set(method):
     # GDD's loop feeds the real batch's labels to G, SiD's draws its labels from the data set: here every image
     # is of class 2, so no other label may reach the generator
-    teacher = dropout_net(label_dim=3)
+    teacher = tiny_edm(label_dim=3, dropout=0.5, perturb=0.3, redraw=True).eval().requires_grad_(False)
     generator, aux = method.make_generator(teacher), method.make_aux(teacher)
     calls = record_calls(generator)
     data = TrainingData(images=torch.rand(16, 1, 8, 8) * 2 - 1 if method.needs_real_data else None,

@@ -5,20 +5,14 @@ import copy
 import pytest
 import torch
 
+from distillery.checkpoint import load_state
 from distillery.methods.sid import SiD
-from distillery.networks import build_network, edm_config
 from distillery.training import distill, train_teacher
-from toys import tiny_run
+from toys import tiny_edm, tiny_run
 
 
 class Interrupt(Exception):
     pass
-
-
-def tiny_net(dropout=0.1):
-    torch.manual_seed(0)
-    return build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                    attn_resolutions=[4], augment_dim=0, dropout=dropout))
 
 
 def interrupt_after(kimg):
@@ -38,7 +32,7 @@ def assert_same_bits(a, b):
 def teacher_run(tmp_path, on_progress=None):
     torch.manual_seed(1)
     images = torch.rand(64, 1, 8, 8) * 2 - 1
-    net = tiny_net()
+    net = tiny_edm(dropout=0.1)
     kwargs = dict(batch=16, lr=1e-3, lr_rampup_kimg=0.05, duration_kimg=0.16, ema_halflife_kimg=0.05,
                   ema_rampup_ratio=0.05, checkpoint_path=tmp_path / "teacher.pt", checkpoint_kimg=0.064,
                   fingerprint="f")
@@ -54,19 +48,19 @@ def test_teacher_resume_is_bit_identical(tmp_path):
     assert_same_bits(reference, resumed)
     # and the comparison is sensitive: a run from another seed differs
     torch.manual_seed(7)
-    other = train_teacher(tiny_net(), torch.rand(64, 1, 8, 8) * 2 - 1, None, batch=16, lr=1e-3, lr_rampup_kimg=0.05,
-                          duration_kimg=0.16, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
+    other = train_teacher(tiny_edm(dropout=0.1), torch.rand(64, 1, 8, 8) * 2 - 1, None, batch=16, lr=1e-3,
+                          lr_rampup_kimg=0.05, duration_kimg=0.16, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
     assert not torch.equal(other.state_dict()["model.map_layer0.weight"], reference.state_dict()["model.map_layer0.weight"])
 
 
-def distill_run(tmp_path, fingerprint="f", on_progress=None):
-    teacher = tiny_net().eval().requires_grad_(False)
+def distill_run(tmp_path, fingerprint="f", on_progress=None, lr=1e-4):
+    teacher = tiny_edm(dropout=0.1).eval().requires_grad_(False)
     torch.manual_seed(2)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     fake = SiD().make_aux(teacher)
     values = iter(range(100, 0, -1))  # a monitor whose "FID" improves each call
     return distill(SiD(), teacher, generator, fake,
-                   tiny_run(lr=1e-4, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
+                   tiny_run(lr=lr, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
                    checkpoint_path=tmp_path / "distill.pt", fingerprint=fingerprint,
                    monitor=lambda ema: next(values) + torch.rand(()).item(), on_progress=on_progress)
 
@@ -79,9 +73,12 @@ def test_distill_resume_is_bit_identical(tmp_path):
     assert_same_bits(ema_a, ema_b)
     assert history_a[-1][0] == history_b[-1][0] == 0.064
     assert best_a["kimg"] == best_b["kimg"]
-    # a checkpoint written under another fingerprint is not resumed into this run
+    # a checkpoint written under another fingerprint is not resumed into this run: the other run trains at
+    # another lr, so resuming its weights would change the bits
     with pytest.raises(Interrupt):
-        distill_run(tmp_path / "c", fingerprint="other", on_progress=interrupt_after(0.04))
+        distill_run(tmp_path / "c", fingerprint="other", on_progress=interrupt_after(0.04), lr=1e-3)
+    other = load_state(tmp_path / "c" / "distill.pt")
+    assert other["fingerprint"] == "other" and other["nimg"] == 24
     ema_c, _, history_c = distill_run(tmp_path / "c")
     assert [k for k, _ in history_c] == [k for k, _ in history_a]
     assert_same_bits(ema_a, ema_c)

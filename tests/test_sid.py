@@ -3,7 +3,7 @@ import torch
 
 from distillery.edm import edm_loss
 from distillery.methods.sid import SiD, sid_generator_loss, sid_loss_core, sid_sigmas
-from toys import F64, AffineGenerator, gaussian
+from toys import F64, AffineGenerator, gaussian, tiny_edm
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -182,11 +182,7 @@ def test_non_finite_samples_are_dropped_from_both_losses():
 def test_fake_score_loss_sees_augmented_samples_with_their_labels():
     # §3.1: SiD's fake-score loss runs EDM's augmentation on the generator samples and feeds the 9 augment labels
     # to the fake net, so only then does the fake net's map_augment layer get a gradient
-    from distillery.networks import build_network, edm_config
-
-    torch.manual_seed(0)
-    teacher = build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                       attn_resolutions=[4], augment_dim=9, dropout=0.0))
+    teacher = tiny_edm(augment_dim=9)
     z = torch.randn(16, 1, 8, 8)
     grads = {}
     for p in (0.0, 0.5):

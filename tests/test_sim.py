@@ -6,9 +6,9 @@ import torch
 
 from distillery.methods.sid import sid_generator_loss, sid_loss_core, sid_sigmas
 from distillery.methods.sim import SIM, pseudo_huber_derivative, sim_generator_loss, sim_loss_core
-from distillery.networks import build_network, edm_config
 from distillery.training import distill
-from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_run
+from toys import (F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm,
+                  tiny_run)
 
 
 def own_denoiser(generator):
@@ -178,9 +178,7 @@ def test_non_finite_samples_are_dropped(distance):
 
 
 def test_distill_runs_sim_on_a_tiny_edm_network():
-    torch.manual_seed(0)
-    teacher = build_network(edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                                       attn_resolutions=[4], augment_dim=0, dropout=0.5)).eval().requires_grad_(False)
+    teacher = tiny_edm(dropout=0.5).eval().requires_grad_(False)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SIM()
     losses = []

@@ -13,20 +13,19 @@ import torch
 import yaml
 from conftest import ROOT
 from test_download import Handler
-from test_edm_pickle import random_network, write_official_pickle
+from test_edm_pickle import write_official_pickle
+from toys import seeded_network, tiny_config
 
 from distillery.checkpoint import load_network
-from distillery.networks import edm_config
 
-CONFIG = edm_config("ddpmpp", 8, 1, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                    augment_dim=0, dropout=0.0)
+CONFIG = tiny_config()
 
 
 @pytest.fixture
 def served(tmp_path):
     marker = tmp_path / "module_src_was_executed"
     src = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\nraise RuntimeError('ran')\n"
-    net = random_network(CONFIG)
+    net = seeded_network(CONFIG, perturb=0.1).eval()
     kwargs = {k: v for k, v in CONFIG.items() if k not in ("img_resolution", "img_channels", "label_dim", "model_type")}
     init_kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, use_fp16=False, model_type="SongUNet", **kwargs)
     write_official_pickle(tmp_path / "teacher.pkl", net, init_kwargs, src)

@@ -1,23 +1,62 @@
-"""Tiny analytic models shared by the method tests."""
+"""Tiny models shared by the tests: analytic toys for the method tests and small seeded EDM networks."""
 
 import torch
 
 from distillery.analytic import GaussianMixture
+from distillery.networks import build_network, edm_config
 from distillery.training import DistillConfig
 
 F64 = torch.float64
 
 
-class AffineGenerator(torch.nn.Module):
-    """G(x; σ) = μ + exp(log_s)·x/σ: the one-step sample G(σ_init z; σ_init) is N(μ, s²I) for any σ_init."""
+def tiny_config(arch="ddpmpp", resolution=8, channels=1, **overrides):
+    """EDMPrecond kwargs of a small `arch` UNet (ddpmpp or ncsnpp): 8·[1, 2] channels, one block per resolution,
+    attention at 4×4, no augmentation labels, no dropout, unconditional; `overrides` (label_dim, model_channels,
+    augment_dim, dropout, …) replace these."""
+    small = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
+    return edm_config(arch, resolution, channels, **{**small, **overrides})
 
-    def __init__(self, mu, log_s):
+
+def seeded_network(config, seed=0, perturb=0.0, redraw=False):
+    """build_network(config) right after torch.manual_seed(seed), so the same seed gives the same weights. With
+    perturb > 0 every parameter then gets perturb·N(0, 1) added (or, with redraw, is replaced by it), from the same
+    random stream: EDM and ADM zero-initialise the convolution after each dropout and the output convolution, so
+    F ≈ 0 (D ≈ c_skip·x) and dropout is invisible until the weights are randomised."""
+    torch.manual_seed(seed)
+    net = build_network(config)
+    if perturb:
+        with torch.no_grad():
+            for p in net.parameters():
+                if redraw:
+                    p.copy_(torch.randn_like(p) * perturb)
+                else:
+                    p.add_(perturb * torch.randn_like(p))
+    return net
+
+
+def tiny_edm(arch="ddpmpp", resolution=8, channels=1, *, seed=0, perturb=0.0, redraw=False, **overrides):
+    """The small EDM network of tiny_config(arch, resolution, channels, **overrides), built by seeded_network."""
+    return seeded_network(tiny_config(arch, resolution, channels, **overrides), seed, perturb, redraw)
+
+
+class AffineGenerator(torch.nn.Module):
+    """G(x; σ) = μ + s·x/σ: the one-step sample G(σ_init z; σ_init) is N(μ, s²I) for any σ_init.
+
+    By default s = exp(log_s) with μ and log_s trainable; with `scale` given, s is that fixed number and only μ is a
+    parameter."""
+
+    def __init__(self, mu, log_s=None, *, scale=None):
         super().__init__()
+        if (log_s is None) == (scale is None):
+            raise ValueError("give either log_s (a trainable scale) or scale (a fixed one)")
         self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64).clone())
-        self.log_s = torch.nn.Parameter(torch.as_tensor(log_s, dtype=F64).clone())
+        self.scale = scale
+        if scale is None:
+            self.log_s = torch.nn.Parameter(torch.as_tensor(log_s, dtype=F64).clone())
 
     def forward(self, x, sigma, class_labels=None):
-        return self.mu + self.log_s.exp() * x / sigma
+        s = self.log_s.exp() if self.scale is None else self.scale
+        return self.mu + s * x / sigma
 
 
 class MLPDenoiser(torch.nn.Module):
