@@ -51,11 +51,17 @@ def main():
         total, _ = flow(repo, work / "run.json")
         timeline = json.loads((work / "run.json").read_text())
         ran = {n: t for n, t in timeline.items() if t.get("ran")}
-        overhead = {n: (t["task_finished"] - t["task_started"]) - (t["finished"] - t["started"]) for n, t in ran.items()}
+        overhead = {
+            n: (t["task_finished"] - t["task_started"]) - (t["finished"] - t["started"]) for n, t in ran.items()
+        }
         for name, seconds in overhead.items():
-            print(f"  {name:<22} stage {ran[name]['finished'] - ran[name]['started']:6.1f} s   overhead {seconds:5.2f} s")
-        print(f"flow with {len(ran)} stages run: {total:.1f} s; overhead per stage: "
-              f"mean {statistics.mean(overhead.values()):.2f} s, max {max(overhead.values()):.2f} s   (target <= 2 s)")
+            print(
+                f"  {name:<22} stage {ran[name]['finished'] - ran[name]['started']:6.1f} s   overhead {seconds:5.2f} s"
+            )
+        print(
+            f"flow with {len(ran)} stages run: {total:.1f} s; overhead per stage: "
+            f"mean {statistics.mean(overhead.values()):.2f} s, max {max(overhead.values()):.2f} s   (target <= 2 s)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

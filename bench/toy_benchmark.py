@@ -49,17 +49,27 @@ def main():
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     steps = teacher_metrics["steps"]
     t_ips = throughput(heun(teacher, steps), shape, teacher.label_dim, batch, args.repeats, dev)
-    s_ips = throughput(one_step(student, load_config(f"runs/{best_name}")["sigma_init"]), shape,
-                       student.label_dim, batch, args.repeats, dev)
+    s_ips = throughput(
+        one_step(student, load_config(f"runs/{best_name}")["sigma_init"]),
+        shape,
+        student.label_dim,
+        batch,
+        args.repeats,
+        dev,
+    )
 
     print(f"device {dev.type}, batch {batch}, torch threads {torch.get_num_threads()}")
-    print(f"teacher  (Heun {steps} steps, NFE {2 * steps - 1}): {t_ips:10.1f} images/s   FID {teacher_metrics['fid']:.3f}")
+    print(
+        f"teacher  (Heun {steps} steps, NFE {2 * steps - 1}): {t_ips:10.1f} images/s   FID {teacher_metrics['fid']:.3f}"
+    )
     print(f"student  ({best_name}, NFE 1, {best['kimg']:g} kimg):     {s_ips:10.1f} images/s   FID {best['fid']:.3f}")
     print(f"throughput ratio student/teacher: {s_ips / t_ips:.1f}x")
     print(f"FID ratio best student/teacher:   {best['fid'] / teacher_metrics['fid']:.3f}  (target <= 1.0)")
     for name, m in students.items():
-        print(f"  {name}: FID {m['fid']:.3f} (last {m['fid_last']:.3f}), rel-FID {m['rel_fid']:.3f}, "
-              f"best @ {m['best_kimg']:g} kimg")
+        print(
+            f"  {name}: FID {m['fid']:.3f} (last {m['fid_last']:.3f}), rel-FID {m['rel_fid']:.3f}, "
+            f"best @ {m['best_kimg']:g} kimg"
+        )
 
 
 if __name__ == "__main__":

@@ -17,16 +17,29 @@ from distillery.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UN
 class DhariwalUNet(nn.Module):
     """ADM: adaptive-scale residual blocks, multi-head attention (64 channels per head), one output head."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
-                 attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_emb=4,
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        dropout=0.10,
+        label_dropout=0,
+    ):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout,
-                            init=init, init_zero=init_zero)
+        block_kwargs = dict(
+            emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero
+        )
 
         # Noise-level (and augmentation) embedding through a 2-layer MLP; the class embedding joins after it.
         self.map_noise = PositionalEmbedding(model_channels)
@@ -34,8 +47,11 @@ class DhariwalUNet(nn.Module):
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         # ADM scales the label weights by √label_dim at init instead of scaling the one-hot input (cf. SongUNet)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
-                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
+        self.map_label = (
+            Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal", init_weight=math.sqrt(label_dim))
+            if label_dim
+            else None
+        )
 
         self.enc = nn.ModuleDict()
         cout = in_channels
@@ -48,8 +64,9 @@ class DhariwalUNet(nn.Module):
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions,
-                                                                **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         skips = [block.out_channels for block in self.enc.values()]
 
         self.dec = nn.ModuleDict()
@@ -62,8 +79,9 @@ class DhariwalUNet(nn.Module):
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions,
-                                                                **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 

@@ -43,7 +43,7 @@ class GaussianMixture:
     def score(self, x, sigma):
         """Score of the noised density, grad_x log p_sigma(x) = (D(x) - x) / sigma^2 (Tweedie)."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape([-1] + [1] * (x.ndim - 1))
-        return (self.denoise(x, sigma) - x) / sigma ** 2
+        return (self.denoise(x, sigma) - x) / sigma**2
 
     def sample(self, n, generator=None):
         """n clean samples, [n, D]: component from the weights, then Gaussian noise around its mean."""
@@ -62,5 +62,5 @@ def gaussian_pf_ode(x, sigma_from, sigma_to, mean, std):
     """
     flat = x.reshape(x.shape[0], -1)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
-    ratio = math.sqrt(std ** 2 + sigma_to ** 2) / math.sqrt(std ** 2 + sigma_from ** 2)
+    ratio = math.sqrt(std**2 + sigma_to**2) / math.sqrt(std**2 + sigma_from**2)
     return (mean + (flat - mean) * ratio).reshape(x.shape)

@@ -18,7 +18,9 @@ def save_network(directory, net, config, name="network", meta=None):
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     save_file(state, str(directory / f"{name}.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"network": config, **(meta or {})}, indent=2, sort_keys=True) + "\n")
+    (directory / "config.json").write_text(
+        json.dumps({"network": config, **(meta or {})}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def load_config(directory):

@@ -43,14 +43,18 @@ def load_edm_zip(path, resolution):
             by_name = dict(labels)
             missing = [n for n in names if n not in by_name]
             if missing:
-                raise ValueError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)")
+                raise ValueError(
+                    f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)"
+                )
             labels = np.asarray([by_name[n] for n in names], dtype=np.int64)
         images = np.empty([len(names), 3, resolution, resolution], dtype=np.uint8)
         for i, name in enumerate(names):
             with Image.open(io.BytesIO(archive.read(name))) as image:
                 if image.mode != "RGB" or image.size != (resolution, resolution):
-                    raise ValueError(f"{path}: {name} is {image.mode} {image.size[0]}×{image.size[1]}, "
-                                     f"expected RGB {resolution}×{resolution}")
+                    raise ValueError(
+                        f"{path}: {name} is {image.mode} {image.size[0]}×{image.size[1]}, "
+                        f"expected RGB {resolution}×{resolution}"
+                    )
                 images[i] = np.asarray(image).transpose(2, 0, 1)
     return images, labels if labels is not None else np.zeros(len(names), dtype=np.int64)
 

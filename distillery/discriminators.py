@@ -70,8 +70,9 @@ class TeacherEncoderDiscriminator(nn.Module):
         for name, block in unet.enc.items():
             if "aux" not in name:
                 widths[name.split("_")[0]] = block.out_channels
-        self.heads = nn.ModuleDict({res: PatchHead(c, channels, teacher.label_dim, cmap_dim)
-                                    for res, c in widths.items()})
+        self.heads = nn.ModuleDict(
+            {res: PatchHead(c, channels, teacher.label_dim, cmap_dim) for res, c in widths.items()}
+        )
 
     def train(self, mode=True):
         super().train(mode)
@@ -151,8 +152,9 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         import timm
 
-        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=weights is not None, features_only=True,
-                                     out_indices=(1, 2, 3, 4))
+        self.net = timm.create_model(
+            "tf_efficientnet_lite0", pretrained=weights is not None, features_only=True, out_indices=(1, 2, 3, 4)
+        )
         self.widths = tuple(self.net.feature_info.channels())
         self.mean, self.std = self.net.pretrained_cfg["mean"], self.net.pretrained_cfg["std"]
 
@@ -173,12 +175,14 @@ class DeiTBase(nn.Module):
         self.net = timm.create_model("deit_base_distilled_patch16_224", pretrained=weights is not None)
         self.widths = (96, 192, 384, 768)
         dim = self.net.embed_dim
-        self.readout = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(dim, 96, 1), nn.ConvTranspose2d(96, 96, 4, stride=4)),
-            nn.Sequential(nn.Conv2d(dim, 192, 1), nn.ConvTranspose2d(192, 192, 2, stride=2)),
-            nn.Conv2d(dim, 384, 1),
-            nn.Sequential(nn.Conv2d(dim, 768, 1), nn.Conv2d(768, 768, 3, stride=2, padding=1)),
-        ])
+        self.readout = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(dim, 96, 1), nn.ConvTranspose2d(96, 96, 4, stride=4)),
+                nn.Sequential(nn.Conv2d(dim, 192, 1), nn.ConvTranspose2d(192, 192, 2, stride=2)),
+                nn.Conv2d(dim, 384, 1),
+                nn.Sequential(nn.Conv2d(dim, 768, 1), nn.Conv2d(768, 768, 3, stride=2, padding=1)),
+            ]
+        )
         self.mean, self.std = self.net.pretrained_cfg["mean"], self.net.pretrained_cfg["std"]
 
     def forward(self, x):
@@ -206,7 +210,7 @@ class FeatureProjector(nn.Module):
         self.backbone = backbone(name, weights)
         self.register_buffer("mean", torch.tensor(self.backbone.mean).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.backbone.std).reshape(1, 3, 1, 1))
-        mixed = [proj_channels * 2 ** i for i in range(4)]
+        mixed = [proj_channels * 2**i for i in range(4)]
         self.ccm = nn.ModuleList(nn.Conv2d(c, o, 1) for c, o in zip(self.backbone.widths, mixed))
         self.out_channels = [mixed[0], *mixed[:3]]
         self.csm = nn.ModuleList(nn.Conv2d(c, o, 1) for c, o in zip(mixed, self.out_channels))
@@ -242,8 +246,11 @@ class MiniDiscriminator(nn.Module):
         widths = {**self.WIDTHS, size: in_channels}
         blocks = []
         while size > end_size:
-            blocks += [sn(nn.Conv2d(widths[size], widths[size // 2], 4, 2, 1)), nn.BatchNorm2d(widths[size // 2]),
-                       nn.LeakyReLU(0.2)]
+            blocks += [
+                sn(nn.Conv2d(widths[size], widths[size // 2], 4, 2, 1)),
+                nn.BatchNorm2d(widths[size // 2]),
+                nn.LeakyReLU(0.2),
+            ]
             size //= 2
         kernel = 4 if end_size >= 8 else max(1, end_size // 2)
         self.main = nn.Sequential(*blocks)
@@ -269,8 +276,15 @@ class ProjectedDiscriminator(nn.Module):
     class embeddings (reusing ImageNet classes 0–9 for CIFAR-10).
     """
 
-    def __init__(self, label_dim=0, backbones=("vgg16_bn", "tf_efficientnet_lite0"), weights="DEFAULT", resolution=224,
-                 proj_channels=64, cmap_dim=64):
+    def __init__(
+        self,
+        label_dim=0,
+        backbones=("vgg16_bn", "tf_efficientnet_lite0"),
+        weights="DEFAULT",
+        resolution=224,
+        proj_channels=64,
+        cmap_dim=64,
+    ):
         super().__init__()
         self.resolution = resolution
         self.projectors = nn.ModuleDict({name: FeatureProjector(name, weights, proj_channels) for name in backbones})
@@ -279,7 +293,9 @@ class ProjectedDiscriminator(nn.Module):
             sizes = {name: [f.shape[-1] for f in projector(probe)] for name, projector in self.projectors.items()}
         self.heads = nn.ModuleList(
             MiniDiscriminator(c, size, end_size=min(8, sizes[name][-1]), label_dim=label_dim, cmap_dim=cmap_dim)
-            for name, projector in self.projectors.items() for c, size in zip(projector.out_channels, sizes[name]))
+            for name, projector in self.projectors.items()
+            for c, size in zip(projector.out_channels, sizes[name])
+        )
 
     def train(self, mode=True):
         super().train(mode)

@@ -88,9 +88,18 @@ def _fetch(url, part, progress, chunk, timeout):
                 while block := f.read(chunk):
                     digest.update(block)
         received = 0
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-                total=offset + length if length is not None else None, initial=offset, unit="B", unit_scale=True,
-                unit_divisor=1024, desc=part.name[:-len(".part")], disable=not progress) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(
+                total=offset + length if length is not None else None,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+            ) as bar,
+        ):
             while block := response.read(chunk):
                 f.write(block)
                 digest.update(block)

@@ -19,11 +19,11 @@ def edm_loss(net, images, class_labels=None, augment_pipe=None, P_mean=-1.2, P_s
     rnd_normal = torch.randn([images.shape[0]], dtype=images.dtype, device=images.device)
     sigma = broadcast_per_sample((rnd_normal * P_std + P_mean).exp(), images)
     # docs/methods.md §1.2: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     y, extra = images, {}
     if augment_pipe is not None:
         y, augment_labels = augment_pipe(images)
-        extra = {'augment_labels': augment_labels}
+        extra = {"augment_labels": augment_labels}
     noisy = y + torch.randn_like(y) * sigma
     denoised = net(noisy, sigma, class_labels, **extra)
     # §1.2: lambda(sigma) * ||D(y + n; sigma) - y||^2, kept per element.
@@ -38,8 +38,20 @@ def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-def heun_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-                 S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, randn_like=torch.randn_like):
+def heun_sampler(
+    net,
+    latents,
+    class_labels=None,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80,
+    rho=7,
+    S_churn=0,
+    S_min=0,
+    S_max=float("inf"),
+    S_noise=1,
+    randn_like=torch.randn_like,
+):
     """EDM's 2nd-order Heun sampler (§1.3): 2N-1 denoiser calls, last step Euler, float64 state."""
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
@@ -49,9 +61,9 @@ def heun_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002,
         # drawn at every step, also where gamma = 0, so per-seed generators advance as in EDM; with S_churn = 0
         # none is drawn (EDM draws it and scales it by zero: the same images).
         if S_churn > 0:
-            gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0
+            gamma = min(S_churn / num_steps, 2**0.5 - 1) if S_min <= t_cur <= S_max else 0
             t_hat = t_cur * (1 + gamma)
-            x_hat = x_hat + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_hat)
+            x_hat = x_hat + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_hat)
         d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # Heun correction everywhere except the final step to sigma = 0.
@@ -70,7 +82,7 @@ class StackedRandomGenerator:
 
     def randn(self, size, **kwargs):
         assert size[0] == len(self.generators)
-        kwargs.setdefault('device', self.device)
+        kwargs.setdefault("device", self.device)
         return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
 
     def randn_like(self, x):
@@ -78,7 +90,7 @@ class StackedRandomGenerator:
 
     def randint(self, high, size, **kwargs):
         assert size[0] == len(self.generators)
-        kwargs.setdefault('device', self.device)
+        kwargs.setdefault("device", self.device)
         return torch.stack([torch.randint(high, size[1:], generator=gen, **kwargs) for gen in self.generators])
 
 

@@ -52,7 +52,9 @@ class ModuleState:
 def _reconstruct_persistent_obj(meta):
     """Stand-in for torch_utils.persistence._reconstruct_persistent_obj: keeps the state, ignores module_src."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("malformed torch_utils.persistence object (expected a 'class' meta with a state dict)")
+        raise pickle.UnpicklingError(
+            "malformed torch_utils.persistence object (expected a 'class' meta with a state dict)"
+        )
     return ModuleState(str(meta.get("class_name")), meta["state"])
 
 
@@ -90,8 +92,10 @@ class EDMUnpickler(pickle.Unpickler):
         if module.startswith("torch.nn.modules."):
             # e.g. torch.nn.ModuleDict: an inert class whose instances only record their __dict__
             return type(name, (ModuleState,), {"class_name": f"{module}.{name}"})
-        raise UnsafePickleError(f"{self.name}: refusing to load global {module}.{name}: it is not on the EDM "
-                                "allow-list (an EDM network pickle never needs it; loading it could run code)")
+        raise UnsafePickleError(
+            f"{self.name}: refusing to load global {module}.{name}: it is not on the EDM "
+            "allow-list (an EDM network pickle never needs it; loading it could run code)"
+        )
 
 
 def read_edm_pickle(path):
@@ -127,7 +131,9 @@ def network_config(ema):
     """Our `build_network` config from the constructor kwargs the official EDMPrecond recorded (`_init_kwargs`)."""
     if not isinstance(ema, ModuleState) or ema.class_name != "EDMPrecond":
         found = ema.class_name if isinstance(ema, ModuleState) else type(ema).__name__
-        raise ValueError(f"'ema' is {found}; only EDMPrecond networks are supported (VP/VE/iDDPM preconditioning is not)")
+        raise ValueError(
+            f"'ema' is {found}; only EDMPrecond networks are supported (VP/VE/iDDPM preconditioning is not)"
+        )
     if ema.state.get("_init_args"):
         raise ValueError("EDMPrecond was constructed with positional arguments; expected keyword arguments only")
     kwargs = ema.state.get("_init_kwargs")
@@ -160,7 +166,9 @@ def convert_edm_pickle(path, out_dir, meta=None):
     try:
         net = build_network(config)
     except TypeError as err:
-        raise ValueError(f"{path}: the recorded EDMPrecond kwargs do not fit our {config['model_type']}: {err}") from err
+        raise ValueError(
+            f"{path}: the recorded EDMPrecond kwargs do not fit our {config['model_type']}: {err}"
+        ) from err
     net.load_state_dict(module_state_dict(data["ema"]), strict=True)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

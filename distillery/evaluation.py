@@ -5,17 +5,34 @@ import numpy as np
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics, inception_score, kid
 
 
-def image_set_metrics(images_uint8, feature_net, reference_stats, reference_features, *, kid_subset_size,
-                      kid_subsets, is_splits, teacher_stats=None, batch_size=500):
+def image_set_metrics(
+    images_uint8,
+    feature_net,
+    reference_stats,
+    reference_features,
+    *,
+    kid_subset_size,
+    kid_subsets,
+    is_splits,
+    teacher_stats=None,
+    batch_size=500,
+):
     """Metrics of one uint8 image set; returns (metrics dict, FID statistics of the set)."""
     feats = extract_features(images_uint8, feature_net, batch_size=batch_size)
     stats = fid_statistics(feats[feature_net.fid_key])
     is_mean, is_std = inception_score(feats[feature_net.isc_key], splits=is_splits)
-    metrics = {"fid": fid_from_statistics(stats, reference_stats), "is": is_mean, "is_std": is_std,
-               "kid": None, "kid_std": None, "num_samples": len(images_uint8)}
+    metrics = {
+        "fid": fid_from_statistics(stats, reference_stats),
+        "is": is_mean,
+        "is_std": is_std,
+        "kid": None,
+        "kid_std": None,
+        "num_samples": len(images_uint8),
+    }
     if len(reference_features):  # published reference statistics come without features: no KID then
-        metrics["kid"], metrics["kid_std"] = kid(feats[feature_net.fid_key], reference_features,
-                                                 subset_size=kid_subset_size, subsets=kid_subsets)
+        metrics["kid"], metrics["kid_std"] = kid(
+            feats[feature_net.fid_key], reference_features, subset_size=kid_subset_size, subsets=kid_subsets
+        )
     if teacher_stats is not None:
         metrics["rel_fid"] = fid_from_statistics(stats, teacher_stats)
     return metrics, stats

@@ -41,8 +41,10 @@ class DigitsNet(nn.Module):
 def _accuracy(net, images, labels, batch_size=512):
     net.eval()
     with torch.no_grad():
-        correct = sum(int((net(images[i:i + batch_size])[1].argmax(1) == labels[i:i + batch_size]).sum())
-                      for i in range(0, len(images), batch_size))
+        correct = sum(
+            int((net(images[i : i + batch_size])[1].argmax(1) == labels[i : i + batch_size]).sum())
+            for i in range(0, len(images), batch_size)
+        )
     return correct / len(images)
 
 
@@ -86,9 +88,14 @@ def _train(images, labels, seed, epochs, batch_size, lr, holdout_fraction):
         schedule.step()
 
     net.requires_grad_(False)
-    metrics = dict(heldout_accuracy=_accuracy(net, images[heldout], labels[heldout]),
-                   train_accuracy=_accuracy(net, images[train], labels[train]),
-                   n_train=len(train), n_heldout=n_heldout, seed=seed, epochs=epochs)
+    metrics = dict(
+        heldout_accuracy=_accuracy(net, images[heldout], labels[heldout]),
+        train_accuracy=_accuracy(net, images[train], labels[train]),
+        n_train=len(train),
+        n_heldout=n_heldout,
+        seed=seed,
+        epochs=epochs,
+    )
     return net.eval(), metrics
 
 

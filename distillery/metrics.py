@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.helpers import vassert
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
-from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
-from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
@@ -33,8 +33,10 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        vassert(feature_extractor_weights_path is not None,
-                f"{name} needs feature_extractor_weights_path (a save_digits_net directory or its weights file)")
+        vassert(
+            feature_extractor_weights_path is not None,
+            f"{name} needs feature_extractor_weights_path (a save_digits_net directory or its weights file)",
+        )
         self.net = load_digits_net(feature_extractor_weights_path)
 
     def forward(self, x):
@@ -85,8 +87,10 @@ class UInt8Images(Dataset):
     """A uint8 [N, C, H, W] tensor as the Dataset torch-fidelity expects (one CHW image per item)."""
 
     def __init__(self, images):
-        vassert(torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4,
-                "Expecting images as a uint8 torch.Tensor [N, C, H, W]")
+        vassert(
+            torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4,
+            "Expecting images as a uint8 torch.Tensor [N, C, H, W]",
+        )
         self.images = images
 
     def __len__(self):
@@ -100,11 +104,13 @@ def extract_features(images_uint8, feature_net, batch_size=256):
     """Run the feature network over uint8 images; returns {feature key: float32 array [N, D]}."""
     cuda = torch.cuda.is_available()
     keys = list(dict.fromkeys([feature_net.fid_key, feature_net.isc_key]))
-    extractor = create_feature_extractor(feature_net.extractor, keys, cuda=cuda, verbose=False,
-                                         feature_extractor_weights_path=feature_net.weights_path)
+    extractor = create_feature_extractor(
+        feature_net.extractor, keys, cuda=cuda, verbose=False, feature_extractor_weights_path=feature_net.weights_path
+    )
     # save_cpu_ram=True keeps the DataLoader in-process: worker processes only cost time on 2 CPU cores.
-    features = get_featuresdict_from_dataset(UInt8Images(images_uint8.cpu()), extractor, batch_size,
-                                             cuda=cuda, save_cpu_ram=not cuda, verbose=False)
+    features = get_featuresdict_from_dataset(
+        UInt8Images(images_uint8.cpu()), extractor, batch_size, cuda=cuda, save_cpu_ram=not cuda, verbose=False
+    )
     return {key: value.numpy() for key, value in features.items()}
 
 
@@ -143,6 +149,11 @@ def kid(features_a, features_b, subset_size=1000, subsets=100):
     """(mean, std) of the polynomial-kernel MMD² over random subsets (torch-fidelity's seed 2020)."""
     # torch-fidelity rejects subsets larger than either set; small sets use all their samples.
     subset_size = min(subset_size, len(features_a), len(features_b))
-    out = kid_features_to_metric(torch.from_numpy(np.asarray(features_a)), torch.from_numpy(np.asarray(features_b)),
-                                 kid_subsets=subsets, kid_subset_size=subset_size, verbose=False)
+    out = kid_features_to_metric(
+        torch.from_numpy(np.asarray(features_a)),
+        torch.from_numpy(np.asarray(features_b)),
+        kid_subsets=subsets,
+        kid_subset_size=subset_size,
+        verbose=False,
+    )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]

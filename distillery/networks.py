@@ -19,11 +19,26 @@ from distillery.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, Posit
 class SongUNet(nn.Module):
     """DDPM++ (positional embedding, standard encoder) and NCSN++ (Fourier, residual encoder) UNets."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
-                 attn_resolutions=(16,), dropout=0.10, label_dropout=0,
-                 embedding_type="positional", channel_mult_noise=1,
-                 encoder_type="standard", decoder_type="standard", resample_filter=(1, 1)):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        channel_mult_emb=4,
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+        label_dropout=0,
+        embedding_type="positional",
+        channel_mult_noise=1,
+        encoder_type="standard",
+        decoder_type="standard",
+        resample_filter=(1, 1),
+    ):
         assert embedding_type in ("fourier", "positional")
         assert encoder_type in ("standard", "skip", "residual")
         assert decoder_type in ("standard", "skip")
@@ -34,13 +49,26 @@ class SongUNet(nn.Module):
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
-                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
+        block_kwargs = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
         # Noise-level, class and augmentation embeddings, summed then mapped by a 2-layer MLP.
-        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
-                          else FourierEmbedding(noise_channels))
+        self.map_noise = (
+            PositionalEmbedding(noise_channels, endpoint=True)
+            if embedding_type == "positional"
+            else FourierEmbedding(noise_channels)
+        )
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -57,15 +85,20 @@ class SongUNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
+                        caux, caux, kernel=0, down=True, resample_filter=resample_filter
+                    )
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
                 if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, kernel=3, down=True, resample_filter=resample_filter,
-                                                                   fused_resample=True, **init)
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=(res in attn_resolutions), **block_kwargs
+                )
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
         self.dec = nn.ModuleDict()
@@ -82,8 +115,9 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                             resample_filter=resample_filter)
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
+                        out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter
+                    )
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
@@ -136,9 +170,9 @@ MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 def edm_scalings(sigma, sigma_data=0.5):
     """EDM Table 1: c_skip, c_out, c_in, c_noise."""
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
     c_noise = sigma.log() / 4
     return c_skip, c_out, c_in, c_noise
 
@@ -146,8 +180,18 @@ def edm_scalings(sigma, sigma_data=0.5):
 class EDMPrecond(nn.Module):
     """D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)) (EDM eq. 7, docs/methods.md §1.1)."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
-                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", **model_kwargs):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim=0,
+        use_fp16=False,
+        sigma_min=0,
+        sigma_max=float("inf"),
+        sigma_data=0.5,
+        model_type="SongUNet",
+        **model_kwargs,
+    ):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -156,8 +200,13 @@ class EDMPrecond(nn.Module):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                             out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self.model = MODEL_TYPES[model_type](
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x = x.to(torch.float32)
@@ -180,22 +229,49 @@ class EDMPrecond(nn.Module):
 
 # Architecture presets of the official EDM checkpoints (docs/methods.md §1.4).
 ARCHITECTURES = {
-    "ddpmpp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                   channel_mult_noise=1, resample_filter=[1, 1]),
-    "ncsnpp": dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
+    "ddpmpp": dict(
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    ),
+    "ncsnpp": dict(
+        embedding_type="fourier",
+        encoder_type="residual",
+        decoder_type="standard",
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
+    ),
 }
 
 
 # ADM as retrained by EDM for ImageNet-64 (edm-imagenet-64x64-cond-adm.pkl, docs/methods.md §1.4).
-ADM = dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
-           attn_resolutions=[32, 16, 8], augment_dim=0, dropout=0.1)
+ADM = dict(
+    model_type="DhariwalUNet",
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+    augment_dim=0,
+    dropout=0.1,
+)
 
 
 def edm_config(arch, img_resolution, img_channels, label_dim=0, **overrides):
     """Constructor kwargs of EDMPrecond for an official architecture, with overrides (e.g. a small toy UNet)."""
-    preset = ADM if arch == "adm" else dict(model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2],
-                                            augment_dim=9, dropout=0.13, **ARCHITECTURES[arch])
+    preset = (
+        ADM
+        if arch == "adm"
+        else dict(
+            model_type="SongUNet",
+            model_channels=128,
+            channel_mult=[2, 2, 2],
+            augment_dim=9,
+            dropout=0.13,
+            **ARCHITECTURES[arch],
+        )
+    )
     config = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **preset)
     config.update(overrides)
     return config

@@ -24,6 +24,7 @@ class Settings(BaseModel):
 
 class SiDSettings(Settings):
     """docs/methods.md §3.1."""
+
     alpha: float = 1.2
     sigma_init: PosFloat = 2.5
     t_max: TMax = 800
@@ -37,6 +38,7 @@ class SiDSettings(Settings):
 class SIMSettings(Settings):
     """docs/methods.md §3.2. c and the time weighting w(σ) = σ^weight_power are not published for CIFAR-10:
     c = 0.4 puts the pseudo-Huber switch near σ ≈ 1 on the 8×8 toy (see distillery/methods/sim.py)."""
+
     sigma_init: PosFloat = 2.5
     c: Annotated[float, Field(ge=0)] = 0.4
     t_max: TMax = 800
@@ -58,6 +60,7 @@ class SIMSettings(Settings):
 
 class DiffInstructSettings(Settings):
     """docs/methods.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
+
     sigma_init: PosFloat = 1.0
     sigma_data: PosFloat = 0.5
     P_mean: float = -1.2
@@ -69,6 +72,7 @@ class DiffInstructSettings(Settings):
 class GDDSettings(Settings):
     """docs/methods.md §3.3. `teacher_encoder` is the offline discriminator (frozen teacher encoder + heads);
     `projected` is the paper's projected discriminator on ImageNet backbones (weights via torchvision / timm)."""
+
     discriminator: Literal["teacher_encoder", "projected"] = "teacher_encoder"
     # projected: GDD's CIFAR-10 pair; at 64×64 GDD uses [deit_base_distilled_patch16_224, tf_efficientnet_lite0]
     backbones: list[Literal[BACKBONES]] = Field(default=["vgg16_bn", "tf_efficientnet_lite0"], min_length=1)
@@ -85,10 +89,10 @@ class GDDSettings(Settings):
 
 
 class Method(NamedTuple):
-    name: str                 # the key in params.yaml (study.methods, its settings section)
-    display: str              # the name in tables and figures
+    name: str  # the key in params.yaml (study.methods, its settings section)
+    display: str  # the name in tables and figures
     settings: type[Settings]
-    target: str               # "module:Class"
+    target: str  # "module:Class"
 
     def load(self):
         module, cls = self.target.split(":")
@@ -99,10 +103,13 @@ class Method(NamedTuple):
         return self.load()(**{**(settings.model_dump() if settings else {}), **overrides})
 
 
-METHODS = {m.name: m for m in [
-    Method("sid", "SiD", SiDSettings, "distillery.methods.sid:SiD"),
-    Method("sim", "SIM", SIMSettings, "distillery.methods.sim:SIM"),
-    Method("diff_instruct", "Diff-Instruct", DiffInstructSettings, "distillery.methods.diff_instruct:DiffInstruct"),
-    Method("gdd", "GDD", GDDSettings, "distillery.methods.gdd:GDD"),
-    Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
-]}
+METHODS = {
+    m.name: m
+    for m in [
+        Method("sid", "SiD", SiDSettings, "distillery.methods.sid:SiD"),
+        Method("sim", "SIM", SIMSettings, "distillery.methods.sim:SIM"),
+        Method("diff_instruct", "Diff-Instruct", DiffInstructSettings, "distillery.methods.diff_instruct:DiffInstruct"),
+        Method("gdd", "GDD", GDDSettings, "distillery.methods.gdd:GDD"),
+        Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
+    ]
+}

@@ -17,14 +17,16 @@ def heun(net, num_steps):
 def one_step(generator, sigma_init):
     """A one-step student: x = G(σ_init·z; σ_init) (SiD/SIM generator parametrisation)."""
     sigma = torch.tensor(sigma_init)
-    return lambda latents, labels: generator(latents * sigma_init, sigma.to(latents.device).expand(len(latents)), labels)
+    return lambda latents, labels: generator(
+        latents * sigma_init, sigma.to(latents.device).expand(len(latents)), labels
+    )
 
 
 class SampleSet(NamedTuple):
-    images: torch.Tensor          # uint8 [N, C, H, W]
-    labels: torch.Tensor | None   # class indices, or None when unconditional
-    seconds: float                # pure sampling time, for images/s
-    nonfinite: int                # images with NaN/Inf values before the uint8 conversion (a diverged net)
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor | None  # class indices, or None when unconditional
+    seconds: float  # pure sampling time, for images/s
+    nonfinite: int  # images with NaN/Inf values before the uint8 conversion (a diverged net)
 
 
 @torch.no_grad()
@@ -33,7 +35,7 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     images, labels, seconds, nonfinite = [], [], 0.0, 0
     for start in range(0, len(seeds), batch):
-        latents, c = seeded_latents(seeds[start:start + batch], shape, label_dim, device)
+        latents, c = seeded_latents(seeds[start : start + batch], shape, label_dim, device)
         sync()
         t0 = time.perf_counter()
         x = sampler(latents, c)

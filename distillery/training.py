@@ -41,9 +41,24 @@ def resume_state(path, fingerprint):
     return state if state.get("fingerprint") == fingerprint else None
 
 
-def train_teacher(net, images, labels, *, batch, lr, lr_rampup_kimg, duration_kimg, ema_halflife_kimg,
-                  ema_rampup_ratio, P_mean=-1.2, P_std=1.2, checkpoint_path=None, checkpoint_kimg=0,
-                  fingerprint="", on_progress=None):
+def train_teacher(
+    net,
+    images,
+    labels,
+    *,
+    batch,
+    lr,
+    lr_rampup_kimg,
+    duration_kimg,
+    ema_halflife_kimg,
+    ema_rampup_ratio,
+    P_mean=-1.2,
+    P_std=1.2,
+    checkpoint_path=None,
+    checkpoint_kimg=0,
+    fingerprint="",
+    on_progress=None,
+):
     """EDM training (docs/methods.md §1.2) on an in-memory data set; returns the EMA network."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -73,8 +88,17 @@ def train_teacher(net, images, labels, *, batch, lr, lr_rampup_kimg, duration_ki
         if on_progress:
             on_progress(nimg, {"loss": loss.mean().item()})
         if checkpoint_path and (checkpoints.due(before, nimg) and nimg < total):
-            save_state(checkpoint_path, dict(fingerprint=fingerprint, nimg=nimg, net=net.state_dict(),
-                                             ema=ema.state_dict(), opt=opt.state_dict(), rng=rng_state()))
+            save_state(
+                checkpoint_path,
+                dict(
+                    fingerprint=fingerprint,
+                    nimg=nimg,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    rng=rng_state(),
+                ),
+            )
     return ema
 
 
@@ -139,6 +163,7 @@ def gather_to_rank0(obj):
 
 class DistillConfig(NamedTuple):
     """The settings of one distillation run (the `distill` section of params.yaml, resolved for one method)."""
+
     batch: int
     lr: float
     betas: tuple[float, float]
@@ -148,7 +173,7 @@ class DistillConfig(NamedTuple):
     ema_rampup_ratio: float
     generator_betas: tuple[float, float] | None = None  # the generator's own Adam betas, where they differ
     seed: int = 0
-    shards: int = 1        # micro-batches of the global batch, one RNG stream each
+    shards: int = 1  # micro-batches of the global batch, one RNG stream each
     checkpoint_kimg: float = 0
     monitor_kimg: float = 0
 
@@ -156,6 +181,7 @@ class DistillConfig(NamedTuple):
 class TrainingData(NamedTuple):
     """The data set a run draws from: images for the methods that train against data (GDD; float, or uint8 converted
     per batch), class indices from which conditional runs draw their labels, as the reference loops do."""
+
     images: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
@@ -171,8 +197,10 @@ class Distillation:
     def __init__(self, method, teacher, generator, aux, config, data=None, label_dim=0):
         self.rank, self.size = world()
         if config.batch % config.shards or config.shards % self.size:
-            raise ValueError(f"batch {config.batch} must split into {config.shards} shards, "
-                             f"and the shards over {self.size} processes")
+            raise ValueError(
+                f"batch {config.batch} must split into {config.shards} shards, "
+                f"and the shards over {self.size} processes"
+            )
         self.method, self.teacher, self.generator, self.aux, self.config = method, teacher, generator, aux, config
         self.data, self.label_dim = data or TrainingData(), label_dim
         self.micro = config.batch // config.shards
@@ -182,8 +210,9 @@ class Distillation:
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
-        self.opt_g, self.opt_aux = method.optimizers(generator, aux, config.lr, config.betas, config.eps,
-                                                     config.generator_betas)
+        self.opt_g, self.opt_aux = method.optimizers(
+            generator, aux, config.lr, config.betas, config.eps, config.generator_betas
+        )
         self.streams = ShardStreams(config.seed, config.shards, self.device)
         self.nimg, self.step, self.history, self.best = 0, 0, [], None
 
@@ -192,13 +221,27 @@ class Distillation:
     def state_dict(self):
         """Everything a resumed run needs to continue bit for bit (collective under DDP: gathers the RNG streams)."""
         streams = {k: v for part in gather_to_rank0(self.streams.state(self.mine)) for k, v in part.items()}
-        return dict(nimg=self.nimg, step=self.step, generator=self.generator.state_dict(), aux=self.aux.state_dict(),
-                    ema=self.ema.state_dict(), opt_g=self.opt_g.state_dict(), opt_aux=self.opt_aux.state_dict(),
-                    history=self.history, best=self.best, streams=streams)
+        return dict(
+            nimg=self.nimg,
+            step=self.step,
+            generator=self.generator.state_dict(),
+            aux=self.aux.state_dict(),
+            ema=self.ema.state_dict(),
+            opt_g=self.opt_g.state_dict(),
+            opt_aux=self.opt_aux.state_dict(),
+            history=self.history,
+            best=self.best,
+            streams=streams,
+        )
 
     def load_state_dict(self, state):
-        for module, key in [(self.generator, "generator"), (self.aux, "aux"), (self.ema, "ema"),
-                            (self.opt_g, "opt_g"), (self.opt_aux, "opt_aux")]:
+        for module, key in [
+            (self.generator, "generator"),
+            (self.aux, "aux"),
+            (self.ema, "ema"),
+            (self.opt_g, "opt_g"),
+            (self.opt_aux, "opt_aux"),
+        ]:
             module.load_state_dict(state[key])
         self.nimg, self.step, self.best = state["nimg"], state["step"], state["best"]
         self.history = [tuple(h) for h in state["history"]]
@@ -217,8 +260,11 @@ class Distillation:
         idx = torch.randint(len(images if images is not None else labels), (self.micro,)) if from_data else None
         c = None
         if self.label_dim:
-            classes = labels[idx].to(self.device) if idx is not None else torch.randint(
-                self.label_dim, (self.micro,), device=self.device)
+            classes = (
+                labels[idx].to(self.device)
+                if idx is not None
+                else torch.randint(self.label_dim, (self.micro,), device=self.device)
+            )
             c = torch.eye(self.label_dim, device=self.device)[classes]
         if images is None:
             return z, c, None
@@ -247,7 +293,9 @@ class Distillation:
     def aux_update(self):
         method, generator, aux = self.method, self.generator, self.aux
         aux.train()
-        loss, drawn = self.update(self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real))
+        loss, drawn = self.update(
+            self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real)
+        )
         if method.regularizer_due(self.step):
             self.update(self.opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
         return loss
@@ -255,8 +303,9 @@ class Distillation:
     def generator_update(self):
         method, generator, aux, teacher = self.method, self.generator, self.aux, self.teacher
         generator.train()  # G trains with its dropout, as in the reference loops
-        return self.update(self.opt_g, generator,
-                           lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real))[0]
+        return self.update(
+            self.opt_g, generator, lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real)
+        )[0]
 
     def iteration(self):
         """One auxiliary and one generator update, then the EMA; returns the losses."""
@@ -279,18 +328,33 @@ class Distillation:
             value = float(monitor(self.ema))
         self.history.append((self.nimg / 1000, value))
         if self.best is None or value < self.best["value"]:
-            self.best = {"value": value, "kimg": self.nimg / 1000,
-                         "ema": {k: v.clone() for k, v in self.ema.state_dict().items()}}
+            self.best = {
+                "value": value,
+                "kimg": self.nimg / 1000,
+                "ema": {k: v.clone() for k, v in self.ema.state_dict().items()},
+            }
 
 
 class DistillResult(NamedTuple):
     ema: torch.nn.Module
-    best: dict | None       # {value, kimg, ema state} of the best monitored EMA
-    history: list           # [(kimg, monitor value), ...]
+    best: dict | None  # {value, kimg, ema state} of the best monitored EMA
+    history: list  # [(kimg, monitor value), ...]
 
 
-def distill(method, teacher, generator, aux, config, *, data=None, label_dim=0, checkpoint_path=None, fingerprint="",
-            monitor=None, on_progress=None):
+def distill(
+    method,
+    teacher,
+    generator,
+    aux,
+    config,
+    *,
+    data=None,
+    label_dim=0,
+    checkpoint_path=None,
+    fingerprint="",
+    monitor=None,
+    on_progress=None,
+):
     """One-step distillation (docs/methods.md §3) for `config.duration_kimg` thousand images, resumable.
 
     `monitor(ema) -> float` (e.g. a small-sample FID) runs every `config.monitor_kimg` and at the end. Rank 0 alone

@@ -29,15 +29,28 @@ def cmd_run(args):
     from pipeline.flow import StagesFailed, run
 
     try:
-        states, error = run(".", gpus=parse_gpus(args.gpus), gpus_per_stage=args.gpus_per_stage,
-                            max_parallel=args.max_parallel, retries=args.retries), None
+        states, error = (
+            run(
+                ".",
+                gpus=parse_gpus(args.gpus),
+                gpus_per_stage=args.gpus_per_stage,
+                max_parallel=args.max_parallel,
+                retries=args.retries,
+            ),
+            None,
+        )
     except StagesFailed as e:
         states, error = e.states, e
     timeline = {}
     for name, state in states.items():
         result = state.result(raise_on_failure=False) if state.is_completed() else {}
-        timeline[name] = {"state": state.name, **{k: result[k] for k in ("ran", "started", "finished", "task_started", "task_finished") if k in result}}
-        took = f"{result['finished'] - result['started']:7.1f} s" if "started" in result else " skipped" if result else ""
+        timeline[name] = {
+            "state": state.name,
+            **{k: result[k] for k in ("ran", "started", "finished", "task_started", "task_finished") if k in result},
+        }
+        took = (
+            f"{result['finished'] - result['started']:7.1f} s" if "started" in result else " skipped" if result else ""
+        )
         print(f"{state.name:>12}  {name:<28}{took}")
     if args.timeline:
         Path(args.timeline).write_text(json.dumps(timeline, indent=2))

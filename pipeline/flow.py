@@ -36,8 +36,7 @@ def stage_graph(root):
         repo = open_repo(root)
         try:
             graph = repo.index.graph  # edges point from a stage to the stages it depends on
-            return {s.addressing: sorted(u.addressing for u in graph.successors(s))
-                    for s in graph.nodes if s.cmd}
+            return {s.addressing: sorted(u.addressing for u in graph.successors(s)) for s in graph.nodes if s.cmd}
         finally:
             repo.close()
 
@@ -71,7 +70,7 @@ class GPUPool:
     def __init__(self, gpus, per_stage, cpu_threads=None):
         self.cpu_threads = cpu_threads  # CPU stages share the cores: oversubscribed OpenMP threads spin-wait
         self._free = queue.Queue()
-        groups = [gpus[i:i + per_stage] for i in range(0, len(gpus) - per_stage + 1, per_stage)] if gpus else [[]]
+        groups = [gpus[i : i + per_stage] for i in range(0, len(gpus) - per_stage + 1, per_stage)] if gpus else [[]]
         for group in groups:
             self._free.put(group)
         self.size = len(groups) if gpus else None  # None: unlimited CPU slots
@@ -95,8 +94,15 @@ def stage_command(name, cmd, group):
     """The stage command, under torchrun when a DDP-capable stage gets more than one GPU."""
     args = shlex.split(cmd)
     if len(group) > 1 and name.startswith(DDP_STAGES) and args[:2] == ["python", "-m"]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(group)}",
-                "-m", *args[2:]]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={len(group)}",
+            "-m",
+            *args[2:],
+        ]
     if args[:1] == ["python"]:
         args[0] = sys.executable
     return args
@@ -124,8 +130,9 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         args = stage_command(name, cmd, group)
         logger.info("running %s on %s: %s", name, f"GPUs {group}" if group else "CPU", " ".join(args))
         started = time.time()
-        proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         for line in proc.stdout:
             logger.info(line.rstrip())
         if proc.wait() != 0:
@@ -133,8 +140,15 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         finished = time.time()
     outs = commit_stage(root, name)
     logger.info("%s recorded in DVC: %s", name, outs)
-    return {"stage": name, "ran": True, "outs": outs, "started": started, "finished": finished,
-            "task_started": task_started, "task_finished": time.time()}
+    return {
+        "stage": name,
+        "ran": True,
+        "outs": outs,
+        "started": started,
+        "finished": finished,
+        "task_started": task_started,
+        "task_finished": time.time(),
+    }
 
 
 def topological(graph):
@@ -160,8 +174,9 @@ class StagesFailed(RuntimeError):
 
 
 @flow(name="distillery")
-def pipeline_flow(root: str, gpus: list[int], gpus_per_stage: int, retries: int, max_parallel: int,
-                  parent_run_id: str | None = None):
+def pipeline_flow(
+    root: str, gpus: list[int], gpus_per_stage: int, retries: int, max_parallel: int, parent_run_id: str | None = None
+):
     global POOL
     POOL = GPUPool(gpus, gpus_per_stage, cpu_threads=max(1, (os.cpu_count() or 1) // max_parallel))
     graph = stage_graph(root)
@@ -169,7 +184,8 @@ def pipeline_flow(root: str, gpus: list[int], gpus_per_stage: int, retries: int,
     for name in topological(graph):
         upstream = [futures[u] for u in graph[name]]
         futures[name] = run_stage.with_options(task_run_name=name, retries=retries).submit(
-            root, name, parent_run_id, wait_for=upstream)
+            root, name, parent_run_id, wait_for=upstream
+        )
     wait(list(futures.values()))
     states = {name: f.state for name, f in futures.items()}
     if not all(state.is_completed() for state in states.values()):
@@ -186,5 +202,6 @@ def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
     root = str(Path(root).resolve())
     runner = ThreadPoolTaskRunner(max_workers=max_parallel)
     with parent_run(root, "distillery run") as run_id:
-        return pipeline_flow.with_options(task_runner=runner)(root, list(gpus), gpus_per_stage, retries, max_parallel,
-                                                              run_id)
+        return pipeline_flow.with_options(task_runner=runner)(
+            root, list(gpus), gpus_per_stage, retries, max_parallel, run_id
+        )

@@ -10,8 +10,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -36,6 +44,7 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 class Download(Section):
     """A file fetched over HTTP(S), verified against `sha256`. Without a pin, the first download records
     its hash in downloads.lock.json and later runs verify against it."""
+
     url: Annotated[str, Field(pattern=r"^https?://\S+$")]
     sha256: Sha256 | None = None
 
@@ -43,6 +52,7 @@ class Download(Section):
 class DataParams(Section):
     """sklearn-digits: bundled 8×8 digits; cifar10: torchvision's download; edm-zip: a data set zip in the format of
     EDM's dataset_tool.py (FFHQ, AFHQv2, ImageNet at 64×64), from `path` or a pinned `download`."""
+
     source: Literal["sklearn-digits", "cifar10", "edm-zip"] = "sklearn-digits"
     path: str | None = None
     sha256: Sha256 | None = None  # pin for `path`: checked on read, and a new pin reruns the DAG (DVC sees params only)
@@ -169,6 +179,7 @@ Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, 
 class MethodTraining(Section):
     """One method's departures from the common `distill` settings (docs/methods.md §3: GDD's 5 Mimg, SiD's
     ImageNet-64 batch 8192 and 2 Mimg EMA, SiD's FFHQ-64 generator β₁ = 0.9); unset keys keep the common value."""
+
     batch: PosInt | None = None
     shards: PosInt | None = None
     duration_kimg: PosFloat | None = None
@@ -193,7 +204,7 @@ class DistillParams(Section):
     monitor_samples: PosInt = 500
     per_method: dict[MethodName, MethodTraining] = {}
 
-    def for_method(self, method) -> "DistillParams":
+    def for_method(self, method) -> DistillParams:
         """The settings `method` trains with: the common ones, overridden by `per_method[method]`."""
         overrides = self.per_method.get(method, MethodTraining()).model_dump(exclude_none=True)
         return DistillParams.model_validate({**self.model_dump(), **overrides, "per_method": {}})
@@ -213,8 +224,9 @@ class ReportParams(Section):
 
 
 # one section per registered method, named by its key (sid, sim, …), holding its settings
-MethodSections = create_model("MethodSections", __base__=Section,
-                              **{name: (m.settings, m.settings()) for name, m in METHODS.items()})
+MethodSections = create_model(
+    "MethodSections", __base__=Section, **{name: (m.settings, m.settings()) for name, m in METHODS.items()}
+)
 
 
 class Params(MethodSections):
@@ -234,8 +246,10 @@ class Params(MethodSections):
         # the augment labels feed the teacher's map_augment: EDM's 9-label layout (distillery/augment.py)
         for m in self.study.methods:
             if getattr(getattr(self, m), "augment_p", 0) > 0 and self.teacher.network.augment_dim != 9:
-                raise ValueError(f"{m}.augment_p > 0 needs a teacher with EDM's augment labels "
-                                 f"(teacher.network.augment_dim 9, got {self.teacher.network.augment_dim})")
+                raise ValueError(
+                    f"{m}.augment_p > 0 needs a teacher with EDM's augment labels "
+                    f"(teacher.network.augment_dim 9, got {self.teacher.network.augment_dim})"
+                )
         return self
 
     def method(self, name):
@@ -287,4 +301,4 @@ def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
         return load_params(path)
     except ParamsError as e:
         print(e, file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None

@@ -43,7 +43,10 @@ def fetch(spec, directory=DOWNLOADS):
     digest = download(spec.url, dest, sha256=pin)
     if pin is None:
         write_json(PINS, {**pins, spec.url: digest})
-        print(f"WARNING: no sha256 pinned for {spec.url}\n"
-              f"WARNING: recorded {digest} in {PINS} on first download; commit it (or set sha256 in "
-              f"params.yaml) so that later downloads are verified against it", file=sys.stderr)
+        print(
+            f"WARNING: no sha256 pinned for {spec.url}\n"
+            f"WARNING: recorded {digest} in {PINS} on first download; commit it (or set sha256 in "
+            f"params.yaml) so that later downloads are verified against it",
+            file=sys.stderr,
+        )
     return dest, digest

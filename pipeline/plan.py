@@ -16,7 +16,10 @@ KNOWN_SIZES_MB = {
     "cifar10": 163,  # cifar-10-python.tar.gz (torchvision)
     "inception-v3-compat": 91,  # torch-fidelity's weights-inception-2015-12-05
     # ImageNet weights of the projected discriminator's backbones (torchvision's files; timm's: fp32 parameters)
-    "vgg16_bn": 528, "efficientnet_b0": 21, "tf_efficientnet_lite0": 19, "deit_base_distilled_patch16_224": 349,
+    "vgg16_bn": 528,
+    "efficientnet_b0": 21,
+    "tf_efficientnet_lite0": 19,
+    "deit_base_distilled_patch16_224": 349,
 }
 
 
@@ -41,31 +44,66 @@ def dag(project_root, profile_path):
 def downloads(params):
     rows = []
     if params.data.source == "cifar10":
-        rows.append(("CIFAR-10 training set (torchvision)", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                     KNOWN_SIZES_MB["cifar10"], "torchvision's md5"))
+        rows.append(
+            (
+                "CIFAR-10 training set (torchvision)",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                KNOWN_SIZES_MB["cifar10"],
+                "torchvision's md5",
+            )
+        )
     if params.data.source == "edm-zip":
         where = params.data.download.url if params.data.download else f"local file {params.data.path}"
-        rows.append(("data set zip (EDM dataset_tool format)", where, None,
-                     pin_text(params.data.download) if params.data.download else "read in place"))
+        rows.append(
+            (
+                "data set zip (EDM dataset_tool format)",
+                where,
+                None,
+                pin_text(params.data.download) if params.data.download else "read in place",
+            )
+        )
     if params.teacher.source == "url":
         rows.append(("EDM teacher", params.teacher.download.url, None, pin_text(params.teacher.download)))
     e = params.evaluation
     if e.feature_extractor == "inception-v3-compat" and not e.feature_weights:
-        rows.append(("Inception weights (torch-fidelity)", "fetched by torch-fidelity on first use",
-                     KNOWN_SIZES_MB["inception-v3-compat"], "torch-fidelity's"))
+        rows.append(
+            (
+                "Inception weights (torch-fidelity)",
+                "fetched by torch-fidelity on first use",
+                KNOWN_SIZES_MB["inception-v3-compat"],
+                "torch-fidelity's",
+            )
+        )
     if e.reference == "edm-npz":
         rows.append(("FID reference statistics", e.reference_download.url, 33, pin_text(e.reference_download)))
-    backbones = sorted({b for m in params.study.methods if m.startswith("gdd")
-                        and getattr(params, m).discriminator == "projected" for b in getattr(params, m).backbones})
+    backbones = sorted(
+        {
+            b
+            for m in params.study.methods
+            if m.startswith("gdd") and getattr(params, m).discriminator == "projected"
+            for b in getattr(params, m).backbones
+        }
+    )
     for b in backbones:
-        rows.append((f"ImageNet weights of {b} (projected discriminator)", "fetched by torchvision / timm on first use",
-                     KNOWN_SIZES_MB[b], "the library's"))
+        rows.append(
+            (
+                f"ImageNet weights of {b} (projected discriminator)",
+                "fetched by torchvision / timm on first use",
+                KNOWN_SIZES_MB[b],
+                "the library's",
+            )
+        )
     return rows
 
 
 # Images and classes of the data sets the profiles name (EDM's dataset zips: FFHQ and AFHQv2 unlabelled).
-KNOWN_DATASETS = {"cifar10": (50000, 10), "sklearn-digits": (1797, 10), "ffhq-64x64": (70000, 1),
-                  "afhqv2-64x64": (15803, 1), "imagenet-64x64": (1281167, 1000)}
+KNOWN_DATASETS = {
+    "cifar10": (50000, 10),
+    "sklearn-digits": (1797, 10),
+    "ffhq-64x64": (70000, 1),
+    "afhqv2-64x64": (15803, 1),
+    "imagenet-64x64": (1281167, 1000),
+}
 
 
 def known_dataset(params):
@@ -86,9 +124,19 @@ def network(params):
     n = params.teacher.network
     label_dim = known_dataset(params)[1] if n.label_conditional else 0
     resolution, channels = params.data.shape()
-    config = edm_config(n.arch, resolution, channels, label_dim=label_dim, model_channels=n.model_channels,
-                        channel_mult=n.channel_mult, channel_mult_emb=n.channel_mult_emb, num_blocks=n.num_blocks,
-                        attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
+    config = edm_config(
+        n.arch,
+        resolution,
+        channels,
+        label_dim=label_dim,
+        model_channels=n.model_channels,
+        channel_mult=n.channel_mult,
+        channel_mult_emb=n.channel_mult_emb,
+        num_blocks=n.num_blocks,
+        attn_resolutions=n.attn_resolutions,
+        dropout=n.dropout,
+        augment_dim=n.augment_dim,
+    )
     return build_network(config)
 
 
@@ -101,13 +149,27 @@ def seconds_per_image(method, teacher, micro_batch, device, steps=1):
     generator, aux = method.make_generator(teacher), method.make_aux(teacher)
     real = torch.rand(micro_batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution) * 2 - 1
     data = TrainingData(images=real if method.needs_real_data else None)
-    config = DistillConfig(batch=micro_batch, lr=1e-5, betas=(0.0, 0.999), eps=1e-8, duration_kimg=micro_batch / 1000,
-                           ema_halflife_kimg=1, ema_rampup_ratio=0.05)
+    config = DistillConfig(
+        batch=micro_batch,
+        lr=1e-5,
+        betas=(0.0, 0.999),
+        eps=1e-8,
+        duration_kimg=micro_batch / 1000,
+        ema_halflife_kimg=1,
+        ema_rampup_ratio=0.05,
+    )
     teacher = teacher if method.needs_teacher else None
     distill(method, teacher, generator, aux, config, data=data, label_dim=generator.label_dim)  # warm-up
     start = time.perf_counter()
-    distill(method, teacher, generator, aux, config._replace(duration_kimg=steps * micro_batch / 1000), data=data,
-            label_dim=generator.label_dim)
+    distill(
+        method,
+        teacher,
+        generator,
+        aux,
+        config._replace(duration_kimg=steps * micro_batch / 1000),
+        data=data,
+        label_dim=generator.label_dim,
+    )
     return (time.perf_counter() - start) / (steps * micro_batch)
 
 
@@ -115,9 +177,10 @@ def estimate(params, micro_batch=None):
     """{method: seconds per image} of every method of the study, and the teacher's seconds per sample."""
     import torch
 
+    from pipeline.runtime import device
+
     from distillery.registry import METHODS
     from distillery.sampling import generate, heun
-    from pipeline.runtime import device
 
     dev = device()
     micro_batch = micro_batch or (8 if dev.type == "cuda" else 1)
@@ -127,8 +190,9 @@ def estimate(params, micro_batch=None):
     for m in params.study.methods:
         # random backbones: the compute of the ImageNet weights, nothing to download
         offline = {"backbone_weights": None} if "backbone_weights" in METHODS[m].settings.model_fields else {}
-        per_image[m] = seconds_per_image(METHODS[m].build(getattr(params, m), **offline), copy.deepcopy(teacher),
-                                         micro_batch, dev)
+        per_image[m] = seconds_per_image(
+            METHODS[m].build(getattr(params, m), **offline), copy.deepcopy(teacher), micro_batch, dev
+        )
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     sampling = generate(heun(teacher, 2), [0, 1], shape, teacher.label_dim, batch=2, device=dev).seconds / 2
     heun_per_sample = sampling / 3 * (2 * params.evaluation.teacher_steps - 1)  # 3 denoiser calls timed above
@@ -143,8 +207,12 @@ def disk_gb(params, n_params):
     samples = (runs + 1) * params.evaluation.num_samples * image
     networks = (1 + 2 * runs) * n_params * 4
     checkpoints = min(runs, 8) * 7 * n_params * 4  # G, aux, EMA and two Adam moments of the stages running at once
-    return {"data set": dataset, "sample sets": samples, "networks (teacher, best and last per run)": networks,
-            "resumable checkpoints (running stages)": checkpoints}
+    return {
+        "data set": dataset,
+        "sample sets": samples,
+        "networks (teacher, best and last per run)": networks,
+        "resumable checkpoints (running stages)": checkpoints,
+    }
 
 
 def print_plan(project_root, profile_path, params, measure=True):

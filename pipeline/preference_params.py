@@ -35,21 +35,20 @@ class PreferencePair(_Section):
 
 
 class PreferenceParams(_Section):
-    items: Annotated[int, Field(gt=0)] = 40                  # compared seeds per pair
-    attention_checks: NonNegInt = 4                          # identical pairs and broken images, mixed in
-    seed: NonNegInt = 0                                      # item choice, order, sides and opaque IDs
+    items: Annotated[int, Field(gt=0)] = 40  # compared seeds per pair
+    attention_checks: NonNegInt = 4  # identical pairs and broken images, mixed in
+    seed: NonNegInt = 0  # item choice, order, sides and opaque IDs
     pairs: list[PreferencePair] = Field(default_factory=lambda: [PreferencePair()], min_length=1)
-    question: Annotated[str, Field(min_length=1, max_length=500)] = (
-        "Which image looks more like a handwritten digit?")
-    label_names: list[str] = []                              # class index → text shown as the item's prompt
-    image_px: Annotated[int, Field(ge=16, le=1024)] = 160    # on-screen size; pixels are upscaled, never smoothed
-    samples_dir: str = "samples"                             # <samples_dir>/<run>.npz: images, seeds[, labels]
-    output_dir: str = "preference"                           # <output_dir>/<a>-vs-<b>/{study/, key.json}
-    votes_dir: str = "votes/preference"                      # returned vote files, any of the three formats
-    max_failed_checks: NonNegInt = 0                         # a rater with more wrong attention checks is dropped
+    question: Annotated[str, Field(min_length=1, max_length=500)] = "Which image looks more like a handwritten digit?"
+    label_names: list[str] = []  # class index → text shown as the item's prompt
+    image_px: Annotated[int, Field(ge=16, le=1024)] = 160  # on-screen size; pixels are upscaled, never smoothed
+    samples_dir: str = "samples"  # <samples_dir>/<run>.npz: images, seeds[, labels]
+    output_dir: str = "preference"  # <output_dir>/<a>-vs-<b>/{study/, key.json}
+    votes_dir: str = "votes/preference"  # returned vote files, any of the three formats
+    max_failed_checks: NonNegInt = 0  # a rater with more wrong attention checks is dropped
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    bootstrap: Annotated[int, Field(ge=100)] = 2000          # Bradley–Terry resamples
-    bootstrap_unit: Literal["rater", "item"] = "rater"       # votes of one rater (or item) are resampled together
+    bootstrap: Annotated[int, Field(ge=100)] = 2000  # Bradley–Terry resamples
+    bootstrap_unit: Literal["rater", "item"] = "rater"  # votes of one rater (or item) are resampled together
     bradley_terry_prior: Annotated[float, Field(gt=0)] = 1.0  # virtual ties per compared pair: finite scores
 
     @field_validator("pairs")

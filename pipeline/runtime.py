@@ -6,10 +6,14 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+
 def quiet_defaults():
     """Keep MLflow, DVC and Prefect off the network (telemetry) unless the user set otherwise."""
-    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    for key, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }.items():
         os.environ.setdefault(key, value)
 
 
@@ -67,6 +71,11 @@ def fingerprint(config, files=()):
 def kimg_bar(total_kimg, desc):
     from tqdm import tqdm
 
-    return tqdm(total=round(total_kimg, 3), desc=desc, unit="kimg", dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]{postfix}",
-                mininterval=2.0)
+    return tqdm(
+        total=round(total_kimg, 3),
+        desc=desc,
+        unit="kimg",
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]{postfix}",
+        mininterval=2.0,
+    )

@@ -31,12 +31,38 @@ def start_servers(prefect_port, mlflow_port):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     servers = [
-        ("Prefect", f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{prefect_port}/api/health",
-         [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
-          "--analytics-off"]),
-        ("MLflow", f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{mlflow_port}/health",
-         [str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port),
-          "--backend-store-uri", tracking_uri(), "--workers", "1"]),
+        (
+            "Prefect",
+            f"http://127.0.0.1:{prefect_port}",
+            f"http://127.0.0.1:{prefect_port}/api/health",
+            [
+                str(bin_dir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+                "--analytics-off",
+            ],
+        ),
+        (
+            "MLflow",
+            f"http://127.0.0.1:{mlflow_port}",
+            f"http://127.0.0.1:{mlflow_port}/health",
+            [
+                str(bin_dir / "mlflow"),
+                "ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                tracking_uri(),
+                "--workers",
+                "1",
+            ],
+        ),
     ]
     started = []
     try:
@@ -65,7 +91,9 @@ def serve_uis(prefect_port, mlflow_port):
     started = start_servers(prefect_port, mlflow_port)
     for name, url, _ in started:
         print(f"{name}: {url}")
-    print(f"Flows reach the Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api. Ctrl-C stops both.")
+    print(
+        f"Flows reach the Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api. Ctrl-C stops both."
+    )
     try:
         while all(proc.poll() is None for _, _, proc in started):
             time.sleep(1)

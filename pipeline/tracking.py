@@ -87,8 +87,10 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
         yield StageRun(mlflow)
 
 
-METRIC_COLUMNS = {"evaluate": ["fid", "fid_last", "is", "kid", "rel_fid", "images_per_s"],
-                  "distill": ["best_monitor_fid", "final_monitor_fid", "train_seconds", "kimg_per_s"]}
+METRIC_COLUMNS = {
+    "evaluate": ["fid", "fid_last", "is", "kid", "rel_fid", "images_per_s"],
+    "distill": ["best_monitor_fid", "final_monitor_fid", "train_seconds", "kimg_per_s"],
+}
 
 
 def compare_table(experiment=None, stage="evaluate"):
@@ -97,12 +99,27 @@ def compare_table(experiment=None, stage="evaluate"):
     import pandas as pd
 
     mlflow.set_tracking_uri(tracking_uri())
-    names = [experiment] if experiment else [e.name for e in mlflow.search_experiments()
-                                             if e.name.startswith("distillery-")]
-    runs = mlflow.search_runs(experiment_names=names, filter_string=f"tags.stage = '{stage}'",
-                              order_by=["attributes.start_time DESC"]) if names else pd.DataFrame()
-    columns = ["tags.dvc_stage", "params.method", "params.lr", "params.batch", "params.seed",
-               *[f"metrics.{m}" for m in METRIC_COLUMNS[stage]], "start_time"]
+    names = (
+        [experiment]
+        if experiment
+        else [e.name for e in mlflow.search_experiments() if e.name.startswith("distillery-")]
+    )
+    runs = (
+        mlflow.search_runs(
+            experiment_names=names, filter_string=f"tags.stage = '{stage}'", order_by=["attributes.start_time DESC"]
+        )
+        if names
+        else pd.DataFrame()
+    )
+    columns = [
+        "tags.dvc_stage",
+        "params.method",
+        "params.lr",
+        "params.batch",
+        "params.seed",
+        *[f"metrics.{m}" for m in METRIC_COLUMNS[stage]],
+        "start_time",
+    ]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     table = runs.reindex(columns=columns)

@@ -16,8 +16,10 @@ from stages.paths import FEATURES_DIR, REFERENCE_FEATURES, REFERENCE_STATS
 from stages.skeleton import InvalidInput
 
 # the arguments of the stages of one study run (distill@<method>-<lr>, evaluate@<method>-<lr>)
-RUN_ARGUMENTS = {"--method": "a method of study.methods",
-                 "--lr": "a learning rate of study.lrs, as written in params.yaml"}
+RUN_ARGUMENTS = {
+    "--method": "a method of study.methods",
+    "--lr": "a learning rate of study.lrs, as written in params.yaml",
+}
 
 
 def study_run(params, args):
@@ -30,8 +32,12 @@ def study_run(params, args):
 
 
 def study_run_tags(params, args):
-    return {"method": args.method, "lr": args.lr, "batch": params.distill.for_method(args.method).batch,
-            "seed": params.seed}
+    return {
+        "method": args.method,
+        "lr": args.lr,
+        "batch": params.distill.for_method(args.method).batch,
+        "seed": params.seed,
+    }
 
 
 def feature_net(params):
@@ -59,14 +65,25 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
         samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
         if first is None:
             first = samples
-            metrics, stats = image_set_metrics(samples.images, features, ref_stats, ref_features,
-                                               kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets,
-                                               is_splits=e.is_splits, teacher_stats=teacher_stats, batch_size=e.batch)
+            metrics, stats = image_set_metrics(
+                samples.images,
+                features,
+                ref_stats,
+                ref_features,
+                kid_subset_size=e.kid_subset_size,
+                kid_subsets=e.kid_subsets,
+                is_splits=e.is_splits,
+                teacher_stats=teacher_stats,
+                batch_size=e.batch,
+            )
             fids.append(metrics["fid"])
         else:
             fids.append(fid_only(samples.images, features, ref_stats, batch_size=e.batch))
-    metrics.update(aggregate_fids(fids, e.fid_aggregate), images_per_s=len(first.images) / first.seconds,
-                   nonfinite_images=first.nonfinite)
+    metrics.update(
+        aggregate_fids(fids, e.fid_aggregate),
+        images_per_s=len(first.images) / first.seconds,
+        nonfinite_images=first.nonfinite,
+    )
     return metrics, first, stats
 
 
@@ -74,15 +91,22 @@ def protocol(params, feature, reference_path=REFERENCE_STATS):
     """What an FID number depends on; the report refuses to put FIDs of different protocols in one column."""
     e = params.evaluation
     weights = feature.weights_path
-    files = sorted(Path(weights).rglob("*")) if weights and Path(weights).is_dir() else [Path(weights)] if weights else []
+    files = (
+        sorted(Path(weights).rglob("*")) if weights and Path(weights).is_dir() else [Path(weights)] if weights else []
+    )
     h = hashlib.sha256()
     for f in files:
         if f.is_file():
             h.update(f.read_bytes())
-    return {"extractor": feature.extractor, "weights_sha256": h.hexdigest() if files else "torch-fidelity default",
-            "num_samples": e.num_samples, "seeds": f"0-{e.num_samples * e.fid_trials - 1}",
-            "trials": e.fid_trials, "aggregate": e.fid_aggregate,
-            "reference_sha256": hashlib.sha256(Path(reference_path).read_bytes()).hexdigest()}
+    return {
+        "extractor": feature.extractor,
+        "weights_sha256": h.hexdigest() if files else "torch-fidelity default",
+        "num_samples": e.num_samples,
+        "seeds": f"0-{e.num_samples * e.fid_trials - 1}",
+        "trials": e.fid_trials,
+        "aggregate": e.fid_aggregate,
+        "reference_sha256": hashlib.sha256(Path(reference_path).read_bytes()).hexdigest(),
+    }
 
 
 def reference():

@@ -23,8 +23,12 @@ def run(params, args, run):
         images, labels = load_digits_dataset()
     with atomic_path(DATASET) as tmp:
         save_dataset(tmp, images, labels, num_classes=int(labels.max()) + 1)
-    info = {"num_images": len(images), "resolution": images.shape[-1], "channels": images.shape[1],
-            "num_classes": int(labels.max()) + 1}
+    info = {
+        "num_images": len(images),
+        "resolution": images.shape[-1],
+        "channels": images.shape[1],
+        "num_classes": int(labels.max()) + 1,
+    }
     write_json(metrics("data"), {**info, "sha256": digest} if digest else info)
     run.log_metrics(info)
 

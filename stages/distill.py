@@ -27,10 +27,20 @@ from stages.skeleton import run_stage
 
 def training_config(params, method_name, lr):
     d = params.distill.for_method(method_name)
-    return DistillConfig(batch=d.batch, lr=lr, betas=d.adam_betas, eps=d.adam_eps, duration_kimg=d.duration_kimg,
-                         ema_halflife_kimg=d.ema_halflife_kimg, ema_rampup_ratio=d.ema_rampup_ratio,
-                         generator_betas=d.generator_adam_betas, seed=params.seed, shards=d.shards,
-                         checkpoint_kimg=d.checkpoint_kimg, monitor_kimg=d.monitor_kimg)
+    return DistillConfig(
+        batch=d.batch,
+        lr=lr,
+        betas=d.adam_betas,
+        eps=d.adam_eps,
+        duration_kimg=d.duration_kimg,
+        ema_halflife_kimg=d.ema_halflife_kimg,
+        ema_rampup_ratio=d.ema_rampup_ratio,
+        generator_betas=d.generator_adam_betas,
+        seed=params.seed,
+        shards=d.shards,
+        checkpoint_kimg=d.checkpoint_kimg,
+        monitor_kimg=d.monitor_kimg,
+    )
 
 
 def training_data(method, label_dim):
@@ -49,8 +59,9 @@ def fid_monitor(params, method, teacher, dev):
     seeds = list(range(params.distill.monitor_samples))
 
     def monitor(ema):
-        samples = generate(one_step(ema, method.sigma_init), seeds, shape, teacher.label_dim,
-                           batch=params.evaluation.batch, device=dev)
+        samples = generate(
+            one_step(ema, method.sigma_init), seeds, shape, teacher.label_dim, batch=params.evaluation.batch, device=dev
+        )
         if samples.nonfinite:
             return float("inf")  # a blown-up generator: never "best", marked diverged in the report
         feats = extract_features(samples.images, features, batch_size=params.evaluation.batch)
@@ -61,6 +72,7 @@ def fid_monitor(params, method, teacher, dev):
 
 class Outcome(NamedTuple):
     """What a finished run writes: its generators, FID curve and summary."""
+
     name: str
     method_name: str
     lr_text: str
@@ -68,14 +80,21 @@ class Outcome(NamedTuple):
     sigma_init: float
     config: DistillConfig
     monitor_samples: int
-    result: object        # distillery.training.DistillResult
+    result: object  # distillery.training.DistillResult
     network_config: dict
     seconds: float
 
 
 def write_outputs(o):
-    meta = {"method": o.method_name, "lr": o.lr, "sigma_init": o.sigma_init, "kimg": o.config.duration_kimg,
-            "batch": o.config.batch, "best_kimg": o.result.best["kimg"], "best_monitor_fid": o.result.best["value"]}
+    meta = {
+        "method": o.method_name,
+        "lr": o.lr,
+        "sigma_init": o.sigma_init,
+        "kimg": o.config.duration_kimg,
+        "batch": o.config.batch,
+        "best_kimg": o.result.best["kimg"],
+        "best_monitor_fid": o.result.best["value"],
+    }
     with atomic_path(run_dir(o.name), is_dir=True) as tmp:
         save_network(tmp, o.result.ema, o.network_config, name="last", meta=meta)
         best_net = copy.deepcopy(o.result.ema)
@@ -87,9 +106,14 @@ def write_outputs(o):
             writer.writerow(["kimg", "fid", "method", "lr"])
             writer.writerows([(f"{k:g}", f"{v:.6g}", o.method_name, o.lr_text) for k, v in o.result.history])
     history = o.result.history
-    summary = {**meta, "final_monitor_fid": history[-1][1], "train_seconds": round(o.seconds, 1),
-               "kimg_per_s": o.config.duration_kimg / o.seconds, "monitor_samples": o.monitor_samples,
-               "diverged": not all(v < float("inf") for _, v in history)}
+    summary = {
+        **meta,
+        "final_monitor_fid": history[-1][1],
+        "train_seconds": round(o.seconds, 1),
+        "kimg_per_s": o.config.duration_kimg / o.seconds,
+        "monitor_samples": o.monitor_samples,
+        "diverged": not all(v < float("inf") for _, v in history),
+    }
     write_json(distill_metrics(o.name), summary)
     return summary
 
@@ -125,18 +149,47 @@ def run(params, args, run):
         checkpoint = CHECKPOINT_DIR / f"distill-{name}.pt"
         settings = getattr(params, args.method).model_dump()
         start = time.perf_counter()
-        result = distill(method, teacher if method.needs_teacher else None, generator, aux, config, data=data,
-                         label_dim=teacher.label_dim, checkpoint_path=checkpoint,
-                         fingerprint=fingerprint({"seed": params.seed, "lr": lr, "method": args.method,
-                                                  "distill": params.distill.for_method(args.method).model_dump(),
-                                                  "method_params": settings}, [TEACHER_DIR]),
-                         monitor=tracked_monitor, on_progress=progress)
+        result = distill(
+            method,
+            teacher if method.needs_teacher else None,
+            generator,
+            aux,
+            config,
+            data=data,
+            label_dim=teacher.label_dim,
+            checkpoint_path=checkpoint,
+            fingerprint=fingerprint(
+                {
+                    "seed": params.seed,
+                    "lr": lr,
+                    "method": args.method,
+                    "distill": params.distill.for_method(args.method).model_dump(),
+                    "method_params": settings,
+                },
+                [TEACHER_DIR],
+            ),
+            monitor=tracked_monitor,
+            on_progress=progress,
+        )
         if rank == 0:
             bar.close()
-            summary = write_outputs(Outcome(name, args.method, args.lr, lr, method.sigma_init, config,
-                                            params.distill.monitor_samples, result,
-                                            load_config(TEACHER_DIR)["network"], time.perf_counter() - start))
-            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            summary = write_outputs(
+                Outcome(
+                    name,
+                    args.method,
+                    args.lr,
+                    lr,
+                    method.sigma_init,
+                    config,
+                    params.distill.monitor_samples,
+                    result,
+                    load_config(TEACHER_DIR)["network"],
+                    time.perf_counter() - start,
+                )
+            )
+            run.log_metrics(
+                {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
             checkpoint.unlink(missing_ok=True)
 
 

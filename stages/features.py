@@ -19,14 +19,22 @@ def run(params, args, run):
     if params.evaluation.feature_extractor != "distillery-digits":
         # a published extractor (Inception): nothing to train, the output names it for the DAG
         with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
-            write_json(tmp / "extractor.json", {"extractor": params.evaluation.feature_extractor,
-                                                "weights": params.evaluation.feature_weights})
+            write_json(
+                tmp / "extractor.json",
+                {"extractor": params.evaluation.feature_extractor, "weights": params.evaluation.feature_weights},
+            )
         return
     f = params.features
     images, labels, _ = load_dataset(DATASET)
     seed_everything(params.seed)
-    net, info = train_digits_classifier(torch.from_numpy(images), torch.from_numpy(labels), seed=params.seed,
-                                        epochs=f.epochs, batch_size=f.batch, lr=f.lr)
+    net, info = train_digits_classifier(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        seed=params.seed,
+        epochs=f.epochs,
+        batch_size=f.batch,
+        lr=f.lr,
+    )
     with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
         save_digits_net(net, tmp)
     write_json(metrics("features"), info)

@@ -46,9 +46,15 @@ stage: it validates every vote, drops raters who fail the attention checks, unbl
 def write_study(section: PreferenceParams, pair: PreferencePair) -> tuple[Path, Study]:
     """Build the pair's study and write its folder whole, or not at all."""
     samples = Path(section.samples_dir)
-    study = build_study(pair.a, load_samples(samples / f"{pair.a}.npz", section.label_names),
-                        pair.b, load_samples(samples / f"{pair.b}.npz", section.label_names),
-                        section.items, section.attention_checks, section.seed)
+    study = build_study(
+        pair.a,
+        load_samples(samples / f"{pair.a}.npz", section.label_names),
+        pair.b,
+        load_samples(samples / f"{pair.b}.npz", section.label_names),
+        section.items,
+        section.attention_checks,
+        section.seed,
+    )
     files = {
         PAGE: render_page(study, section.question, section.image_px),
         "study/labelstudio/tasks.json": label_studio_tasks(study),
@@ -91,5 +97,11 @@ def run(params, args, run):
 
 
 if __name__ == "__main__":
-    run_stage("preference", run, doc=__doc__, instance=instance, tags=tags,
-              arguments={"--a": "first run, e.g. teacher", "--b": "second run, e.g. sid-1e-4"})
+    run_stage(
+        "preference",
+        run,
+        doc=__doc__,
+        instance=instance,
+        tags=tags,
+        arguments={"--a": "first run, e.g. teacher", "--b": "second run, e.g. sid-1e-4"},
+    )

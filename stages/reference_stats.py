@@ -21,14 +21,17 @@ def import_edm_npz(params, run):
     stats = load_stats_npz(path)
     dim = stats["mu"].shape[0]
     if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
-        raise StageFailed(f"{path}: expected mu [D] and sigma [D, D], got {stats['mu'].shape} and "
-                          f"{stats['sigma'].shape}")
+        raise StageFailed(
+            f"{path}: expected mu [D] and sigma [D, D], got {stats['mu'].shape} and {stats['sigma'].shape}"
+        )
     with atomic_path(REFERENCE_STATS) as tmp:
         save_stats_npz(tmp, stats)
     with atomic_path(REFERENCE_FEATURES) as tmp:
         np.savez(tmp, features=np.zeros((0, dim), dtype=np.float32))
-    write_json(metrics("reference_stats"), {"source": params.evaluation.reference_download.url,
-                                            "sha256": digest, "feature_dim": dim, "num_images": None})
+    write_json(
+        metrics("reference_stats"),
+        {"source": params.evaluation.reference_download.url, "sha256": digest, "feature_dim": dim, "num_images": None},
+    )
     run.log_metrics({"feature_dim": dim})
 
 

@@ -15,8 +15,22 @@ from distillery.registry import METHODS
 from stages.paths import LR_FIGURE, RESULTS_CSV, RESULTS_MD, distill_metrics, eval_metrics, fid_curve, metrics
 from stages.skeleton import StageFailed, run_stage
 
-COLUMNS = ["method", "lr", "batch", "NFE", "FID", "FID std", "IS", "KID", "rel-FID", "images/s", "kimg", "checkpoint",
-           "FID (last)", "status"]
+COLUMNS = [
+    "method",
+    "lr",
+    "batch",
+    "NFE",
+    "FID",
+    "FID std",
+    "IS",
+    "KID",
+    "rel-FID",
+    "images/s",
+    "kimg",
+    "checkpoint",
+    "FID (last)",
+    "status",
+]
 
 
 def read_json(path):
@@ -24,10 +38,22 @@ def read_json(path):
 
 
 def teacher_row(m):
-    return {"method": f"teacher (EDM Heun, {m['steps']} steps)", "lr": None, "batch": None, "NFE": m["nfe"],
-            "FID": m["fid"], "FID std": m["fid_std"],
-            "IS": m["is"], "KID": m["kid"], "rel-FID": 0.0, "images/s": m["images_per_s"], "kimg": None,
-            "checkpoint": "ema", "FID (last)": None, "status": ""}
+    return {
+        "method": f"teacher (EDM Heun, {m['steps']} steps)",
+        "lr": None,
+        "batch": None,
+        "NFE": m["nfe"],
+        "FID": m["fid"],
+        "FID std": m["fid_std"],
+        "IS": m["is"],
+        "KID": m["kid"],
+        "rel-FID": 0.0,
+        "images/s": m["images_per_s"],
+        "kimg": None,
+        "checkpoint": "ema",
+        "FID (last)": None,
+        "status": "",
+    }
 
 
 def status(train, evaluation, factor):
@@ -38,11 +64,22 @@ def status(train, evaluation, factor):
 
 
 def student_row(m, train, factor):
-    return {"method": METHODS[m["method"]].display, "lr": m["lr"], "batch": train["batch"],
-            "NFE": m["nfe"], "FID": m["fid"], "FID std": m["fid_std"],
-            "IS": m["is"], "KID": m["kid"], "rel-FID": m["rel_fid"], "images/s": m["images_per_s"],
-            "kimg": m["kimg"], "checkpoint": f"best @ {m['best_kimg']:g} kimg", "FID (last)": m["fid_last"],
-            "status": status(train, m, factor)}
+    return {
+        "method": METHODS[m["method"]].display,
+        "lr": m["lr"],
+        "batch": train["batch"],
+        "NFE": m["nfe"],
+        "FID": m["fid"],
+        "FID std": m["fid_std"],
+        "IS": m["is"],
+        "KID": m["kid"],
+        "rel-FID": m["rel_fid"],
+        "images/s": m["images_per_s"],
+        "kimg": m["kimg"],
+        "checkpoint": f"best @ {m['best_kimg']:g} kimg",
+        "FID (last)": m["fid_last"],
+        "status": status(train, m, factor),
+    }
 
 
 def common_protocol(named_metrics):
@@ -97,8 +134,17 @@ def formatted(table, protocol):
     if protocol["trials"] > 1 and protocol["aggregate"] == "mean":  # SiD's protocol: mean ± std over trials
         shown["FID"] = [f"{f:.3f} ± {s:.3f}" for f, s in zip(shown["FID"], shown["FID std"])]
     shown = shown.drop(columns="FID std")
-    for col, fmt in [("lr", "{:g}"), ("FID", "{:.3f}"), ("FID (last)", "{:.3f}"), ("IS", "{:.2f}"), ("KID", "{:.4g}"),
-                     ("rel-FID", "{:.3f}"), ("images/s", "{:.0f}"), ("kimg", "{:g}"), ("batch", "{:.0f}")]:
+    for col, fmt in [
+        ("lr", "{:g}"),
+        ("FID", "{:.3f}"),
+        ("FID (last)", "{:.3f}"),
+        ("IS", "{:.2f}"),
+        ("KID", "{:.4g}"),
+        ("rel-FID", "{:.3f}"),
+        ("images/s", "{:.0f}"),
+        ("kimg", "{:g}"),
+        ("batch", "{:.0f}"),
+    ]:
         shown[col] = shown[col].map(lambda v, fmt=fmt: cell(v, fmt))
     return shown.to_markdown(index=False)
 
@@ -106,10 +152,16 @@ def formatted(table, protocol):
 def published_section(profile):
     rows = published_rows(profile)
     if not rows:
-        return [f"No published numbers match the `{profile}` profile (its data set and feature network are "
-                f"this pipeline's own), so none are shown beside ours."]
-    return ["Published numbers for this setting (Inception FID, 50k samples; from the papers' repositories "
-            "and abstracts, not produced by this pipeline):", "", pd.DataFrame(rows).to_markdown(index=False)]
+        return [
+            f"No published numbers match the `{profile}` profile (its data set and feature network are "
+            f"this pipeline's own), so none are shown beside ours."
+        ]
+    return [
+        "Published numbers for this setting (Inception FID, 50k samples; from the papers' repositories "
+        "and abstracts, not produced by this pipeline):",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False),
+    ]
 
 
 def fid_protocol_text(protocol):
@@ -125,39 +177,44 @@ def markdown(table, params, teacher, n_real, protocol):
     e, d = params.evaluation, params.distill
     against = f"{n_real} real images" if n_real else "the published reference statistics"
     runs = [name for _, _, name in params.runs()]
-    return "\n".join([
-        f"# Results — profile `{params.profile}`",
-        "",
-        formatted(table, protocol),
-        "",
-        f"FID protocol: {fid_protocol_text(protocol)}, uint8 round trip, "
-        f"`{protocol['extractor']}` features through torch-fidelity (weights sha256 "
-        f"{protocol['weights_sha256'][:12]}), against {against} (sha256 {protocol['reference_sha256'][:12]})"
-        + (" — the toy's own feature network: not comparable with Inception FIDs" if protocol["extractor"] ==
-           "distillery-digits" else "") +
-        f"; IS over {e.is_splits} splits; KID with subsets of {e.kid_subset_size}. rel-FID: FID against the "
-        f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
-        f"Students: every run distils at the batch and for the kimg of its row. The EMA generator with the "
-        f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
-        f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
-        f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
-        f"{params.report.diverged_factor:g}× its best.",
-        "",
-        "## FID over training",
-        "",
-        "![FID vs kimg per method and learning rate](lr_robustness.png)",
-        "",
-        "## Published",
-        "",
-        *published_section(params.profile),
-        "",
-        "## Samples",
-        "",
-        "First images of the evaluation seeds (best checkpoint):",
-        "",
-        *[f"- {name}: ![{name}](grids/{name}.png)" for name in ["teacher", *runs]],
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Results — profile `{params.profile}`",
+            "",
+            formatted(table, protocol),
+            "",
+            f"FID protocol: {fid_protocol_text(protocol)}, uint8 round trip, "
+            f"`{protocol['extractor']}` features through torch-fidelity (weights sha256 "
+            f"{protocol['weights_sha256'][:12]}), against {against} (sha256 {protocol['reference_sha256'][:12]})"
+            + (
+                " — the toy's own feature network: not comparable with Inception FIDs"
+                if protocol["extractor"] == "distillery-digits"
+                else ""
+            )
+            + f"; IS over {e.is_splits} splits; KID with subsets of {e.kid_subset_size}. rel-FID: FID against the "
+            f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
+            f"Students: every run distils at the batch and for the kimg of its row. The EMA generator with the "
+            f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
+            f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
+            f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
+            f"{params.report.diverged_factor:g}× its best.",
+            "",
+            "## FID over training",
+            "",
+            "![FID vs kimg per method and learning rate](lr_robustness.png)",
+            "",
+            "## Published",
+            "",
+            *published_section(params.profile),
+            "",
+            "## Samples",
+            "",
+            "First images of the evaluation seeds (best checkpoint):",
+            "",
+            *[f"- {name}: ![{name}](grids/{name}.png)" for name in ["teacher", *runs]],
+            "",
+        ]
+    )
 
 
 def run(params, args, run):

@@ -21,10 +21,19 @@ from stages.skeleton import run_stage
 
 def teacher_config(params, resolution, channels, num_classes):
     n = params.teacher.network
-    return edm_config(n.arch, resolution, channels, label_dim=num_classes if n.label_conditional else 0,
-                      model_channels=n.model_channels, channel_mult=n.channel_mult,
-                      channel_mult_emb=n.channel_mult_emb, num_blocks=n.num_blocks,
-                      attn_resolutions=n.attn_resolutions, dropout=n.dropout, augment_dim=n.augment_dim)
+    return edm_config(
+        n.arch,
+        resolution,
+        channels,
+        label_dim=num_classes if n.label_conditional else 0,
+        model_channels=n.model_channels,
+        channel_mult=n.channel_mult,
+        channel_mult_emb=n.channel_mult_emb,
+        num_blocks=n.num_blocks,
+        attn_resolutions=n.attn_resolutions,
+        dropout=n.dropout,
+        augment_dim=n.augment_dim,
+    )
 
 
 def convert_official(params, run):
@@ -33,8 +42,12 @@ def convert_official(params, run):
     path, digest = fetch(spec)
     with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
         config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
-    info = {"source": spec.url, "sha256": digest, "architecture": config["model_type"],
-            "parameters": sum(p.numel() for p in build_network(config).parameters())}
+    info = {
+        "source": spec.url,
+        "sha256": digest,
+        "architecture": config["model_type"],
+        "parameters": sum(p.numel() for p in build_network(config).parameters()),
+    }
     write_json(metrics("teacher"), info)
     run.log_metrics({"parameters": info["parameters"]})
 
@@ -61,17 +74,31 @@ def train(params, run):
 
     start = time.perf_counter()
     checkpoint = CHECKPOINT_DIR / "teacher.pt"
-    ema = train_teacher(net, images, labels, batch=t.batch, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
-                        duration_kimg=t.duration_kimg, ema_halflife_kimg=t.ema_halflife_kimg,
-                        ema_rampup_ratio=t.ema_rampup_ratio, P_mean=t.P_mean, P_std=t.P_std,
-                        checkpoint_path=checkpoint, checkpoint_kimg=t.checkpoint_kimg,
-                        fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
-                        on_progress=progress)
+    ema = train_teacher(
+        net,
+        images,
+        labels,
+        batch=t.batch,
+        lr=t.lr,
+        lr_rampup_kimg=t.lr_rampup_kimg,
+        duration_kimg=t.duration_kimg,
+        ema_halflife_kimg=t.ema_halflife_kimg,
+        ema_rampup_ratio=t.ema_rampup_ratio,
+        P_mean=t.P_mean,
+        P_std=t.P_std,
+        checkpoint_path=checkpoint,
+        checkpoint_kimg=t.checkpoint_kimg,
+        fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
+        on_progress=progress,
+    )
     bar.close()
     with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
         save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
-    info = {"kimg": t.duration_kimg, "parameters": sum(p.numel() for p in ema.parameters()),
-            "train_seconds": round(time.perf_counter() - start, 1)}
+    info = {
+        "kimg": t.duration_kimg,
+        "parameters": sum(p.numel() for p in ema.parameters()),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
     write_json(metrics("teacher"), info)
     run.log_metrics(info)
     checkpoint.unlink(missing_ok=True)

@@ -21,8 +21,15 @@ def run(params, args, run):
     nfe = 2 * e.teacher_steps - 1
     info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
     seeds = seed_blocks(params)[0]
-    info.update(nfe=nfe, sampler="heun", steps=e.teacher_steps, seeds=f"0-{len(seeds) - 1}", batch=e.batch,
-                device=dev.type, protocol=protocol(params, feature_net(params)))
+    info.update(
+        nfe=nfe,
+        sampler="heun",
+        steps=e.teacher_steps,
+        seeds=f"0-{len(seeds) - 1}",
+        batch=e.batch,
+        device=dev.type,
+        protocol=protocol(params, feature_net(params)),
+    )
     save_samples(TEACHER_SAMPLES, samples.images, seeds, samples.labels)
     with atomic_path(TEACHER_STATS) as tmp:
         save_stats_npz(tmp, stats)

@@ -14,9 +14,15 @@ PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipe
 
 
 def sh(args, cwd, check=True, extra_env=None):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        **(extra_env or {}),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)

@@ -15,8 +15,16 @@ KEYS_FILE = Path(__file__).parent / "data" / "edm_checkpoint_keys.txt"
 SECTION = "edm-imagenet-64x64-cond-adm"
 
 # Constructor kwargs of the official ImageNet-64 checkpoint (EDM train.py --arch=adm --fp16, no augmentation).
-IMAGENET_ADM = dict(img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True, model_type="DhariwalUNet",
-                    model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1)
+IMAGENET_ADM = dict(
+    img_resolution=64,
+    img_channels=3,
+    label_dim=1000,
+    use_fp16=True,
+    model_type="DhariwalUNet",
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    dropout=0.1,
+)
 
 
 def official_section(name):
@@ -51,8 +59,18 @@ def test_imagenet_adm_names_shapes_and_count_equal_official():
 
 
 def tiny_adm(label_dim=5, augment_dim=9):
-    config = dict(img_resolution=16, img_channels=3, label_dim=label_dim, model_type="DhariwalUNet", model_channels=32,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=augment_dim, dropout=0.0)
+    config = dict(
+        img_resolution=16,
+        img_channels=3,
+        label_dim=label_dim,
+        model_type="DhariwalUNet",
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        augment_dim=augment_dim,
+        dropout=0.0,
+    )
     # ADM zero-initialises its output conv (D would be c_skip·x); random weights make F visible
     return seeded_network(config, perturb=0.1).eval(), config
 

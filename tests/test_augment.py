@@ -10,8 +10,11 @@ from distillery.augment import AugmentPipe, augment_geometric
 
 def pixel_grid(H, W):
     # Pixel coordinates (x right, y down) from the image centre, float64 for analytic references.
-    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float64) - (H - 1) / 2,
-                          torch.arange(W, dtype=torch.float64) - (W - 1) / 2, indexing='ij')
+    y, x = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64) - (H - 1) / 2,
+        torch.arange(W, dtype=torch.float64) - (W - 1) / 2,
+        indexing="ij",
+    )
     return x, y
 
 
@@ -56,9 +59,9 @@ def test_integer_translation_is_an_exact_shift_with_reflected_borders():
     shifts = [(3, -2), (-1, 4)]
     out = augment_geometric(images, translate=torch.tensor(shifts, dtype=torch.float32))
     for n, (tx, ty) in enumerate(shifts):
-        padded = F.pad(images[n:n + 1], [abs(tx)] * 2 + [abs(ty)] * 2, mode='reflect')
-        expected = padded[..., abs(ty) - ty:abs(ty) - ty + 16, abs(tx) - tx:abs(tx) - tx + 16]
-        torch.testing.assert_close(out[n:n + 1], expected, atol=1e-5, rtol=0)
+        padded = F.pad(images[n : n + 1], [abs(tx)] * 2 + [abs(ty)] * 2, mode="reflect")
+        expected = padded[..., abs(ty) - ty : abs(ty) - ty + 16, abs(tx) - tx : abs(tx) - tx + 16]
+        torch.testing.assert_close(out[n : n + 1], expected, atol=1e-5, rtol=0)
 
 
 def test_rotation_by_90_degrees_is_rot90_counter_clockwise():
@@ -75,10 +78,14 @@ def test_constant_image_stays_constant():
     # Reflect padding leaves no empty border for scale, rotation, anisotropy and translation together (as long as
     # the footprint needs a margin below the image size, true of typical draws).
     images = torch.full((4, 2, 32, 32), 0.7)
-    out = augment_geometric(images, scale=torch.tensor([0.85, 1.3, 1.0, 0.9]),
-                            rotate=torch.tensor([0.4, -2.0, 3.0, 1.0]), aniso=torch.tensor([1.15, 0.8, 1.3, 1.0]),
-                            aniso_angle=torch.tensor([0.5, 0.0, -1.0, 2.0]),
-                            translate=torch.tensor([[1.5, -2.0], [0.0, 3.3], [-4.0, 0.5], [0.0, 0.0]]))
+    out = augment_geometric(
+        images,
+        scale=torch.tensor([0.85, 1.3, 1.0, 0.9]),
+        rotate=torch.tensor([0.4, -2.0, 3.0, 1.0]),
+        aniso=torch.tensor([1.15, 0.8, 1.3, 1.0]),
+        aniso_angle=torch.tensor([0.5, 0.0, -1.0, 2.0]),
+        translate=torch.tensor([[1.5, -2.0], [0.0, 3.3], [-4.0, 0.5], [0.0, 0.0]]),
+    )
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
 
 
@@ -86,12 +93,12 @@ def test_isotropic_scale_matches_the_analytic_image():
     # Scaling by s = 2^(w·0.2) enlarges the content: out(p) = img(p / s), compared where p / s lies inside the image
     # (outside, the reflected border shows). Gaussian of std 4 px; tolerance 0.01 (the 2x bilinear step smooths).
     x, y = pixel_grid(32, 32)
-    img = torch.exp(-(x ** 2 + y ** 2) / 32).float()[None, None].repeat(2, 1, 1, 1)
+    img = torch.exp(-(x**2 + y**2) / 32).float()[None, None].repeat(2, 1, 1, 1)
     s = 2 ** (0.2 * torch.tensor([1.5, -2.0]))
     out = augment_geometric(img, scale=s)
     for n, sn in enumerate(s.tolist()):
         inside = torch.maximum(x.abs(), y.abs()) / sn < 14
-        enlarged, shrunk = (torch.exp(-(x ** 2 + y ** 2) / (32 * f ** 2)).float() for f in (sn, 1 / sn))
+        enlarged, shrunk = (torch.exp(-(x**2 + y**2) / (32 * f**2)).float() for f in (sn, 1 / sn))
         assert (out[n, 0] - enlarged)[inside].abs().max() < 0.01
         assert (out[n, 0] - shrunk)[inside].abs().max() > 0.1
 
@@ -101,7 +108,7 @@ def test_pivot_is_the_official_one():
     # (measured on NVlabs/edm training/augment.py), 0.049 px off the centre: sym6's centre of mass is tap 5.098, not 5.
     x, y = pixel_grid(32, 32)
     ramps = torch.stack([x, y]).float()[None] + 15.5  # channel 0: pixel column, channel 1: pixel row
-    s = 2 ** 0.2
+    s = 2**0.2
     out = augment_geometric(ramps, scale=torch.tensor([s]))
     pivot = (out - ramps / s) / (1 - 1 / s)  # a scaling about c maps a ramp to (p - c) / s + c
     official = torch.tensor([15.4509, 15.4509])
@@ -111,12 +118,12 @@ def test_pivot_is_the_official_one():
 def test_anisotropic_stretch_direction():
     # Stretch by a along the direction at angle r (counter-clockwise on screen), by 1/a across it.
     x, y = pixel_grid(32, 32)
-    img = torch.exp(-(x ** 2 + y ** 2) / 32).float()[None, None]
+    img = torch.exp(-(x**2 + y**2) / 32).float()[None, None]
     a, r = 1.4, math.pi / 4
     out = augment_geometric(img, aniso=torch.tensor([a]), aniso_angle=torch.tensor([r]))
     u = (x * math.cos(r) - y * math.sin(r)) / a  # along r: (cos r, -sin r) in y-down coordinates
     v = (x * math.sin(r) + y * math.cos(r)) * a
-    assert (out[0, 0] - torch.exp(-(u ** 2 + v ** 2) / 32).float())[4:-4, 4:-4].abs().max() < 0.01
+    assert (out[0, 0] - torch.exp(-(u**2 + v**2) / 32).float())[4:-4, 4:-4].abs().max() < 0.01
     # The same stretch at -r (clockwise) differs: the direction convention is observable.
     mirrored = augment_geometric(img, aniso=torch.tensor([a]), aniso_angle=torch.tensor([-r]))
     assert (out - mirrored).abs().max() > 0.1
@@ -130,20 +137,29 @@ def test_labels_match_the_applied_transform():
     pipe = AugmentPipe(1, xflip=1, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1, aniso_rotate_prob=0)
     out, labels = pipe(images)
     assert not labels[:, 6].any()
-    rebuilt = augment_geometric(images, xflip=labels[:, 0], yflip=labels[:, 1], scale=2 ** (0.2 * labels[:, 2]),
-                                rotate=torch.atan2(labels[:, 4], labels[:, 3] + 1), aniso=2 ** (0.2 * labels[:, 5]),
-                                translate=labels[:, 7:9] * 0.125 * torch.tensor([12, 16]))
+    rebuilt = augment_geometric(
+        images,
+        xflip=labels[:, 0],
+        yflip=labels[:, 1],
+        scale=2 ** (0.2 * labels[:, 2]),
+        rotate=torch.atan2(labels[:, 4], labels[:, 3] + 1),
+        aniso=2 ** (0.2 * labels[:, 5]),
+        translate=labels[:, 7:9] * 0.125 * torch.tensor([12, 16]),
+    )
     torch.testing.assert_close(out, rebuilt, atol=1e-4, rtol=0)
 
 
 def test_official_labels_for_a_seed():
     # Labels of NVlabs/edm training/augment.py (commit 008a4e5) for torch.manual_seed(6), p = 0.5, the EDM
     # configuration, four 1×8×8 images: same random draws in the same order give the same labels.
-    official = torch.tensor([
-        [0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000],
-        [1.000000, 0.000000, -1.140155, -0.100171, -0.436244, -0.198648, 0.000000, 0.000000, 0.000000],
-        [1.000000, 1.000000, -0.165625, 0.000000, 0.000000, -1.563887, -0.198561, 0.538594, 0.039814],
-        [0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.276822, -0.607869, -0.064848, -0.448082]])
+    official = torch.tensor(
+        [
+            [0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.000000],
+            [1.000000, 0.000000, -1.140155, -0.100171, -0.436244, -0.198648, 0.000000, 0.000000, 0.000000],
+            [1.000000, 1.000000, -0.165625, 0.000000, 0.000000, -1.563887, -0.198561, 0.538594, 0.039814],
+            [0.000000, 0.000000, 0.000000, 0.000000, 0.000000, 0.276822, -0.607869, -0.064848, -0.448082],
+        ]
+    )
     torch.manual_seed(6)
     _, labels = AugmentPipe.edm(0.5)(torch.zeros(4, 1, 8, 8))
     torch.testing.assert_close(labels, official, atol=2e-6, rtol=0)
@@ -159,8 +175,14 @@ def test_enable_rates_and_disabled_labels_for_cifar_p():
     def near(fraction, q):  # within 4 binomial standard deviations
         return abs(fraction - q) < 4 * math.sqrt(q * (1 - q) / N)
 
-    xflip, yflip, scale, rotate, aniso, translate = (labels[:, 0], labels[:, 1], labels[:, 2], labels[:, 3:5],
-                                                     labels[:, 5:7], labels[:, 7:9])
+    xflip, yflip, scale, rotate, aniso, translate = (
+        labels[:, 0],
+        labels[:, 1],
+        labels[:, 2],
+        labels[:, 3:5],
+        labels[:, 5:7],
+        labels[:, 7:9],
+    )
     assert near(xflip.mean().item(), 0.5)  # xflip=1e8: always decided by a fair coin
     assert near(yflip.mean().item(), p / 2)  # enabled with probability p, then a fair coin
     for enabled in (scale != 0, rotate.any(1), aniso.any(1), translate.any(1)):

@@ -5,9 +5,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from conftest import sh
-
 from pipeline.servers import start_servers, stop_servers
+
+from conftest import sh
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 

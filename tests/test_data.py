@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT
 from distillery.data import load_dataset, load_edm_zip
+
+from conftest import ROOT
 
 
 def write_zip(path, images, labels=None, extra=()):
@@ -54,8 +55,9 @@ def test_a_wrong_size_or_a_missing_label_is_refused_naming_the_file(tmp_path):
     path = write_zip(tmp_path / "d.zip", random_images(3), extra=[("00000/img00000099.png", buffer.getvalue())])
     with pytest.raises(ValueError, match=r"00000/img00000099.png is RGB 4×4, expected RGB 8×8"):
         load_edm_zip(path, 8)
-    labelled = write_zip(tmp_path / "l.zip", random_images(3), labels=[1, 2, 3],
-                         extra=[("00000/img00000099.png", buffer.getvalue())])
+    labelled = write_zip(
+        tmp_path / "l.zip", random_images(3), labels=[1, 2, 3], extra=[("00000/img00000099.png", buffer.getvalue())]
+    )
     with pytest.raises(ValueError, match=r"no label for 00000/img00000099.png"):
         load_edm_zip(labelled, 8)
 
@@ -64,7 +66,11 @@ def run_data_stage(tmp_path, data):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"] = data
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin"}
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": "/usr/bin:/bin",
+    }
     return subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, env=env, capture_output=True, text=True)
 
 

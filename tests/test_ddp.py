@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from distillery.methods.sid import SiD
 from distillery.training import distill
+
 from toys import tiny_edm, tiny_run
 
 STEPS, BATCH, SHARDS = 3, 8, 2
@@ -18,8 +19,13 @@ def train(lr=1e-3):
     teacher = tiny_edm(dropout=0.1).eval().requires_grad_(False)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SiD()
-    ema, _, _ = distill(method, teacher, generator, method.make_aux(teacher),
-                        tiny_run(batch=BATCH, lr=lr, duration_kimg=STEPS * BATCH / 1000, seed=5, shards=SHARDS))
+    ema, _, _ = distill(
+        method,
+        teacher,
+        generator,
+        method.make_aux(teacher),
+        tiny_run(batch=BATCH, lr=lr, duration_kimg=STEPS * BATCH / 1000, seed=5, shards=SHARDS),
+    )
     return generator.state_dict(), ema.state_dict()
 
 

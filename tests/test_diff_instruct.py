@@ -5,8 +5,8 @@ import torch
 
 from distillery.methods.diff_instruct import DiffInstruct, same_dropout_pair, train_mode
 from distillery.training import distill
-from toys import (F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm,
-                  tiny_run)
+
+from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm, tiny_run
 
 
 class FixedSamples(torch.nn.Module):
@@ -86,7 +86,7 @@ def test_non_finite_samples_are_dropped():
     torch.manual_seed(0)
     generator, teacher, fake = AffineGenerator([0.1, -0.2, 0.3], -0.2), MLPDenoiser(3, seed=1), MLPDenoiser(3, seed=2)
     z = torch.randn(16, 3, dtype=F64)
-    z[3, 1] = float('nan')
+    z[3, 1] = float("nan")
     loss = DiffInstruct().generator_loss(generator, fake, teacher, z)
     loss.backward()
     assert loss.isfinite() and loss != 0
@@ -99,8 +99,14 @@ def test_distill_runs_diff_instruct_on_a_tiny_edm_network():
     method = DiffInstruct()
     losses = []
     torch.manual_seed(2)
-    distill(method, teacher, generator, method.make_aux(teacher), tiny_run(),
-            on_progress=lambda nimg, logs: losses.append(logs))
+    distill(
+        method,
+        teacher,
+        generator,
+        method.make_aux(teacher),
+        tiny_run(),
+        on_progress=lambda nimg, logs: losses.append(logs),
+    )
     assert len(losses) == 5
     assert all(math.isfinite(value) for logs in losses for value in logs.values())
     assert any(not torch.equal(p, q) for p, q in zip(generator.parameters(), teacher.parameters()))

@@ -26,16 +26,31 @@ from toys import seeded_network, tiny_config
 NUMPY_SCALAR = f"{np.float64(0).__reduce__()[0].__module__}.scalar"
 # Globals referenced by a real EDM/SiD pickle (docs/methods.md §1.4, Hugging Face's scan).
 OFFICIAL_GLOBALS = {
-    "collections.OrderedDict", "torch_utils.persistence._reconstruct_persistent_obj", "numpy.dtype", NUMPY_SCALAR,
-    "torch.storage._load_from_bytes", "torch.nn.modules.container.ModuleDict", "torch._utils._rebuild_tensor_v2",
+    "collections.OrderedDict",
+    "torch_utils.persistence._reconstruct_persistent_obj",
+    "numpy.dtype",
+    NUMPY_SCALAR,
+    "torch.storage._load_from_bytes",
+    "torch.nn.modules.container.ModuleDict",
+    "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_parameter",
 }
 
 CONFIGS = {
     "ddpmpp-cond": tiny_config("ddpmpp", 8, 3, label_dim=4, model_channels=16, augment_dim=9),
     "ncsnpp-uncond": tiny_config("ncsnpp", 8, 3, model_channels=16, augment_dim=9),
-    "adm-cond": dict(img_resolution=8, img_channels=3, label_dim=4, use_fp16=True, model_type="DhariwalUNet",
-                     model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0),
+    "adm-cond": dict(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=4,
+        use_fp16=True,
+        model_type="DhariwalUNet",
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        dropout=0.0,
+    ),
 }
 
 
@@ -79,7 +94,9 @@ class OfficialFormatPickler(pickle.Pickler):
 
     def reducer_override(self, obj):
         if obj is self.root:
-            return self.persistent(self.root_class_name, dict(obj.__dict__, _init_args=(), _init_kwargs=self.root_kwargs))
+            return self.persistent(
+                self.root_class_name, dict(obj.__dict__, _init_args=(), _init_kwargs=self.root_kwargs)
+            )
         if isinstance(obj, nn.Module) and type(obj).__module__.startswith("distillery."):
             # the official layers record their kwargs too; numpy scalars come from those (init_weight=np.sqrt(0.2))
             kwargs = dict(init_weight=np.sqrt(0.2))
@@ -92,9 +109,12 @@ class OfficialFormatPickler(pickle.Pickler):
 
 
 def write_official_pickle(path, net, init_kwargs, module_src, class_name="EDMPrecond"):
-    data = dict(ema=net, loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)),
-                augment_pipe=Persistent("AugmentPipe", dict(p=0.12, xflip=1e8, yflip=1)),
-                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="datasets/toy.zip"))
+    data = dict(
+        ema=net,
+        loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)),
+        augment_pipe=Persistent("AugmentPipe", dict(p=0.12, xflip=1e8, yflip=1)),
+        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="datasets/toy.zip"),
+    )
     # pickle checks that a function's name imports back to it, so torch_utils.persistence exists only while
     # the fixture is written: the reader must never import it
     persistence = types.ModuleType("torch_utils.persistence")
@@ -139,7 +159,10 @@ def referenced_globals(path):
 def evil_source(tmp_path):
     """Module source that would leave a marker file and raise if anyone executed it."""
     marker = tmp_path / "module_src_was_executed"
-    src = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\nraise RuntimeError('module_src executed')\n"
+    src = (
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
+        "raise RuntimeError('module_src executed')\n"
+    )
     return src, marker
 
 
@@ -176,11 +199,15 @@ def test_official_format_pickle_converts_bit_exactly_without_running_its_code(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edm.pkl", "teacher"]
 
 
-@pytest.mark.parametrize("payload,named", [
-    (lambda marker: Payload(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),  # posix.system
-    (lambda marker: Payload(eval, f"open({str(marker)!r}, 'w')"), "builtins.eval"),
-    (lambda marker: Payload(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
-], ids=["os.system", "builtins.eval", "subprocess.Popen"])
+@pytest.mark.parametrize(
+    "payload,named",
+    [
+        (lambda marker: Payload(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),  # posix.system
+        (lambda marker: Payload(eval, f"open({str(marker)!r}, 'w')"), "builtins.eval"),
+        (lambda marker: Payload(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
+    ],
+    ids=["os.system", "builtins.eval", "subprocess.Popen"],
+)
 def test_pickle_with_any_other_global_is_refused_and_writes_nothing(tmp_path, evil_source, payload, named):
     src, _ = evil_source
     marker = tmp_path / "payload_ran"
@@ -210,7 +237,7 @@ def test_numpy_scalars_load_under_both_spellings(tmp_path, module):
     # numpy 1.x (the official files) writes numpy.core, numpy 2 numpy._core; protocol 3 has no framing,
     # so the module name can be respelled in place
     stream = pickle.dumps({"init_weight": np.float64(0.2) ** 0.5}, protocol=3)
-    stream = stream.replace(f"c{NUMPY_SCALAR[:-len('.scalar')]}\n".encode(), f"c{module}\n".encode())
+    stream = stream.replace(f"c{NUMPY_SCALAR[: -len('.scalar')]}\n".encode(), f"c{module}\n".encode())
     assert f"c{module}\nscalar\n".encode() in stream
     pkl = tmp_path / "scalar.pkl"
     pkl.write_bytes(stream)
@@ -218,12 +245,15 @@ def test_numpy_scalars_load_under_both_spellings(tmp_path, module):
     assert isinstance(value, np.float64) and value == np.float64(0.2) ** 0.5
 
 
-@pytest.mark.parametrize("class_name,kwargs,message", [
-    ("VPPrecond", {}, "only EDMPrecond"),
-    ("EDMPrecond", {"model_type": "FancyUNet"}, "unknown model_type 'FancyUNet'"),
-    ("EDMPrecond", {"img_resolution": None}, "lack img_resolution"),
-    ("EDMPrecond", {"no_such_option": 1}, "do not fit our SongUNet"),
-])
+@pytest.mark.parametrize(
+    "class_name,kwargs,message",
+    [
+        ("VPPrecond", {}, "only EDMPrecond"),
+        ("EDMPrecond", {"model_type": "FancyUNet"}, "unknown model_type 'FancyUNet'"),
+        ("EDMPrecond", {"img_resolution": None}, "lack img_resolution"),
+        ("EDMPrecond", {"no_such_option": 1}, "do not fit our SongUNet"),
+    ],
+)
 def test_unsupported_networks_are_refused_clearly(tmp_path, evil_source, class_name, kwargs, message):
     src, marker = evil_source
     config = CONFIGS["ddpmpp-cond"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import copy_project, sh
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
@@ -15,8 +16,12 @@ DISTILLERY = str(Path(sys.executable).parent / "distillery")
 def run_flow(repo):
     timeline = repo / "timeline.json"
     timeline.unlink(missing_ok=True)
-    result = sh([DISTILLERY, "run", "--max-parallel", "2", "--timeline", str(timeline)], repo, check=False,
-                extra_env={"PREFECT_HOME": str(repo.parent / "prefect-home")})
+    result = sh(
+        [DISTILLERY, "run", "--max-parallel", "2", "--timeline", str(timeline)],
+        repo,
+        check=False,
+        extra_env={"PREFECT_HOME": str(repo.parent / "prefect-home")},
+    )
     return result, json.loads(timeline.read_text())
 
 

@@ -9,6 +9,7 @@ from distillery.discriminators import BACKBONES, ProjectedDiscriminator, Teacher
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
 from distillery.training import TrainingData, distill
+
 from toys import F64, AffineGenerator, tiny_edm, tiny_run
 
 
@@ -24,6 +25,7 @@ class OptimalDiscriminator(torch.nn.Module):
     def forward(self, x, class_labels=None):
         def log_density(mu, s):
             return (-0.5 * ((x - mu) / s) ** 2 - math.log(s)).sum(1)
+
         return [(log_density(self.mu_data, self.s_data) - log_density(self.mu_g, self.s_g))[:, None]]
 
 
@@ -38,10 +40,13 @@ class LinearDiscriminator(torch.nn.Module):
         return [self.lin(x.flatten(1))]
 
 
-@pytest.mark.parametrize("arch,kwargs,total_m,kept_m,frozen_pct", [
-    ("ncsnpp", dict(channel_mult=[1, 2, 2, 2]), 62.76, 10.15, 83.8),            # FFHQ / AFHQv2 64×64
-    ("adm", dict(label_dim=1000, use_fp16=True), 295.90, 62.83, 78.8),         # ImageNet 64×64
-])
+@pytest.mark.parametrize(
+    "arch,kwargs,total_m,kept_m,frozen_pct",
+    [
+        ("ncsnpp", dict(channel_mult=[1, 2, 2, 2]), 62.76, 10.15, 83.8),  # FFHQ / AFHQv2 64×64
+        ("adm", dict(label_dim=1000, use_fp16=True), 295.90, 62.83, 78.8),  # ImageNet 64×64
+    ],
+)
 def test_gdd_i_frozen_fraction_of_the_64px_generators(arch, kwargs, total_m, kept_m, frozen_pct):
     # §3.3, computed there by instantiating the official classes; the meta device allocates nothing
     with torch.device("meta"):
@@ -64,14 +69,27 @@ def test_gdd_i_freezes_84_percent_of_the_cifar10_ncsnpp_generator():
     assert round(total / 1e6, 2) == 56.40
     assert round(kept / 1e6, 2) == 8.80
     assert round(100 * (1 - kept / total), 1) == 84.4
-    frozen = ["model.enc.32x32_block0.conv0.weight", "model.enc.16x16_down.conv1.weight",
-              "model.dec.16x16_up.conv0.bias", "model.dec.8x8_in0.conv1.weight", "model.enc.16x16_block0.proj.weight",
-              "model.dec.8x8_in0.proj.bias"]
-    kept_names = ["model.enc.32x32_block0.affine.weight", "model.enc.32x32_block0.norm0.weight",
-                  "model.enc.16x16_down.skip.weight", "model.enc.16x16_block0.qkv.weight", "model.map_layer0.weight",
-                  "model.map_layer1.bias", "model.map_augment.weight", "model.enc.32x32_conv.weight",
-                  "model.enc.16x16_aux_residual.weight", "model.dec.32x32_aux_conv.weight",
-                  "model.dec.32x32_aux_norm.weight"]
+    frozen = [
+        "model.enc.32x32_block0.conv0.weight",
+        "model.enc.16x16_down.conv1.weight",
+        "model.dec.16x16_up.conv0.bias",
+        "model.dec.8x8_in0.conv1.weight",
+        "model.enc.16x16_block0.proj.weight",
+        "model.dec.8x8_in0.proj.bias",
+    ]
+    kept_names = [
+        "model.enc.32x32_block0.affine.weight",
+        "model.enc.32x32_block0.norm0.weight",
+        "model.enc.16x16_down.skip.weight",
+        "model.enc.16x16_block0.qkv.weight",
+        "model.map_layer0.weight",
+        "model.map_layer1.bias",
+        "model.map_augment.weight",
+        "model.enc.32x32_conv.weight",
+        "model.enc.16x16_aux_residual.weight",
+        "model.dec.32x32_aux_conv.weight",
+        "model.dec.32x32_aux_norm.weight",
+    ]
     for name in frozen:
         assert name in names and gdd_i_frozen(name) and name not in trainable, name
     for name in kept_names:
@@ -156,8 +174,15 @@ def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
     torch.manual_seed(1)
     generator, disc = method.make_generator(teacher), method.make_aux(teacher)
     ckpt = tmp_path / "state.pt"
-    distill(method, None, generator, disc, tiny_run(betas=(0.0, 0.99), checkpoint_kimg=0.032),
-            data=TrainingData(images=torch.rand(32, 1, 8, 8) * 2 - 1), checkpoint_path=ckpt)
+    distill(
+        method,
+        None,
+        generator,
+        disc,
+        tiny_run(betas=(0.0, 0.99), checkpoint_kimg=0.032),
+        data=TrainingData(images=torch.rand(32, 1, 8, 8) * 2 - 1),
+        checkpoint_path=ckpt,
+    )
     state = load_state(ckpt)
     steps = [int(v["step"]) for v in state["opt_aux"]["state"].values()]
     # biases of the last layers do not enter ∇ₓD, so the R1 step leaves them alone
@@ -176,7 +201,9 @@ def test_optimizers_apply_the_lazy_regularisation_correction_to_d_only():
     assert {id(p) for p in d["params"]} == {id(p) for p in disc.heads.parameters()}
     assert len(g["params"]) == len(gdd_i_trainable(generator.named_parameters())) < len(list(generator.parameters()))
     # the generator's own betas, where given, leave D's untouched
-    opt_g, opt_d = method.optimizers(generator, disc, lr=1e-4, betas=(0.0, 0.99), eps=1e-8, generator_betas=(0.9, 0.999))
+    opt_g, opt_d = method.optimizers(
+        generator, disc, lr=1e-4, betas=(0.0, 0.99), eps=1e-8, generator_betas=(0.9, 0.999)
+    )
     assert opt_g.param_groups[0]["betas"] == (0.9, 0.999)
     assert opt_d.param_groups[0]["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17)))
 
@@ -217,7 +244,12 @@ def test_projected_discriminator_structure_and_gradients_reach_only_the_heads():
     assert [tuple(l.shape) for l in logits] == [(2, 4)] * 8
     projector = disc.projectors["tf_efficientnet_lite0"]
     assert [c.in_channels for c in projector.ccm] == [24, 40, 112, 320]
-    assert [c.out_channels for c in projector.ccm] == [64, 128, 256, 512] and projector.out_channels == [64, 64, 128, 256]
+    assert [c.out_channels for c in projector.ccm] == [64, 128, 256, 512] and projector.out_channels == [
+        64,
+        64,
+        128,
+        256,
+    ]
     trainable = {id(p) for p in disc.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in disc.heads.parameters()}
     sum(l.sum() for l in logits).backward()
@@ -235,8 +267,9 @@ def test_projected_discriminator_structure_and_gradients_reach_only_the_heads():
 def test_projected_discriminator_at_gdd_resolution_with_deit():
     # §3.3, 64×64 data sets: DeiT-base (distilled) + EfficientNet-lite0 at 224 px, four heads per backbone
     torch.manual_seed(0)
-    disc = ProjectedDiscriminator(label_dim=10, backbones=("deit_base_distilled_patch16_224", "tf_efficientnet_lite0"),
-                                  weights=None).train()
+    disc = ProjectedDiscriminator(
+        label_dim=10, backbones=("deit_base_distilled_patch16_224", "tf_efficientnet_lite0"), weights=None
+    ).train()
     deit = disc.projectors["deit_base_distilled_patch16_224"]
     assert [c.in_channels for c in deit.ccm] == [96, 192, 384, 768]
     x = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
@@ -275,8 +308,15 @@ def test_distill_runs_gdd_without_a_teacher(method_class):
     start_g, start_d = copy.deepcopy(generator.state_dict()), copy.deepcopy(disc.state_dict())
     real = torch.rand(64, 1, 8, 8) * 2 - 1
     losses = []
-    distill(method, None, generator, disc, tiny_run(betas=(0.0, 0.99), duration_kimg=0.032),
-            data=TrainingData(images=real), on_progress=lambda nimg, m: losses.append(m))
+    distill(
+        method,
+        None,
+        generator,
+        disc,
+        tiny_run(betas=(0.0, 0.99), duration_kimg=0.032),
+        data=TrainingData(images=real),
+        on_progress=lambda nimg, m: losses.append(m),
+    )
     assert len(losses) == 4 and all(math.isfinite(v) for m in losses for v in m.values())
     moved = {n for n, p in generator.named_parameters() if not torch.equal(p, start_g[n])}
     if method_class is GDDI:

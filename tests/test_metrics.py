@@ -117,16 +117,27 @@ def test_metrics_match_torch_fidelity(image_sets, features, classifier):
     ours_kid = kid(heldout["features"], reference["features"], subsets=20)
     # The weights file path (not the directory) must work as feature_extractor_weights_path too.
     theirs = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(image_sets["heldout"]), input2=UInt8Images(image_sets["reference"]),
-        fid=True, isc=True, kid=True, kid_subsets=20, kid_subset_size=len(image_sets["heldout"]),
+        input1=UInt8Images(image_sets["heldout"]),
+        input2=UInt8Images(image_sets["reference"]),
+        fid=True,
+        isc=True,
+        kid=True,
+        kid_subsets=20,
+        kid_subset_size=len(image_sets["heldout"]),
         feature_extractor=DIGITS_EXTRACTOR,
         feature_extractor_weights_path=os.path.join(classifier["directory"], WEIGHTS_FILE),
-        cuda=False, save_cpu_ram=True, cache=False, verbose=False)
+        cuda=False,
+        save_cpu_ram=True,
+        cache=False,
+        verbose=False,
+    )
     assert ours_fid == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
-    assert ours_isc == pytest.approx((theirs[torch_fidelity.KEY_METRIC_ISC_MEAN],
-                                      theirs[torch_fidelity.KEY_METRIC_ISC_STD]), rel=1e-6)
-    assert ours_kid == pytest.approx((theirs[torch_fidelity.KEY_METRIC_KID_MEAN],
-                                      theirs[torch_fidelity.KEY_METRIC_KID_STD]), rel=1e-6)
+    assert ours_isc == pytest.approx(
+        (theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], theirs[torch_fidelity.KEY_METRIC_ISC_STD]), rel=1e-6
+    )
+    assert ours_kid == pytest.approx(
+        (theirs[torch_fidelity.KEY_METRIC_KID_MEAN], theirs[torch_fidelity.KEY_METRIC_KID_STD]), rel=1e-6
+    )
 
 
 def test_real_digits_score_well_and_noise_badly(features):

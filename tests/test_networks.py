@@ -71,8 +71,8 @@ def test_denoiser_is_edm_eq7_around_the_inner_network(arch, label_dim):
     sigma = torch.tensor([0.2, 0.5, 1.0, 2.5, 40.0])
     labels = torch.eye(10)[[1, 2, 3, 4, 5]] if label_dim else None
     s = sigma.reshape(-1, 1, 1, 1)
-    c_skip, c_out = 0.25 / (s ** 2 + 0.25), 0.5 * s / (s ** 2 + 0.25).sqrt()
-    c_in, c_noise = 1 / (s ** 2 + 0.25).sqrt(), sigma.log() / 4
+    c_skip, c_out = 0.25 / (s**2 + 0.25), 0.5 * s / (s**2 + 0.25).sqrt()
+    c_in, c_noise = 1 / (s**2 + 0.25).sqrt(), sigma.log() / 4
     with torch.no_grad():
         F_x = net.model(c_in * x, c_noise, class_labels=labels)
         # the network term is a sizeable part of D at every σ, so a wrong c_out, c_in or c_noise shows

@@ -24,23 +24,33 @@ def test_shipped_params_are_valid_and_list_the_study():
     assert len(params.runs()) == 10 and params.runs()[-1] == ("gdd_i", 3e-5, "gdd_i-3e-5")
 
 
-@pytest.mark.parametrize("edit,key,words", [
-    (lambda p: p["distill"].update(bacth=64), "distill.bacth", "Extra inputs are not permitted"),
-    (lambda p: p["teacher"].update(batch="big"), "teacher.batch", "valid integer"),
-    (lambda p: p["distill"].update(batch=-4), "distill.batch", "greater than 0"),
-    (lambda p: p["teacher"]["network"].update(dropout=1.5), "teacher.network.dropout", "less than 1"),
-    (lambda p: p["study"].update(methods=["sid", "nope"]), "study.methods.1", "sid"),
-    (lambda p: p["study"].update(lrs=["1e-4", 0.0001]), "study.lrs", "unique"),
-    (lambda p: p["study"].update(lrs=["fast"]), "study.lrs.0", "expected a number"),
-    (lambda p: p["sid"].update(t_max=2000), "sid.t_max", "less than or equal to 1000"),
-    (lambda p: p["distill"]["per_method"].update(sid={"bacth": 8}), "distill.per_method.sid.bacth", "Extra inputs"),
-    (lambda p: p["distill"]["per_method"].update(dmd={"batch": 8}), "distill.per_method.dmd", "sid"),
-    (lambda p: p["distill"]["per_method"].update(sid={"batch": 100, "shards": 3}), "distill",
-     "per_method.sid: batch 100 is not divisible by shards 3"),
-    (lambda p: p.update(data={"source": "edm-zip", "path": "d.zip"}), "data", "data.resolution is required"),
-    (lambda p: p["sid"].update(augment_p=0.12), "(top level)", "sid.augment_p > 0 needs a teacher with EDM's augment"),
-    (lambda p: p["evaluation"].update(fid_aggregate="median"), "evaluation.fid_aggregate", "'min' or 'mean'"),
-])
+@pytest.mark.parametrize(
+    "edit,key,words",
+    [
+        (lambda p: p["distill"].update(bacth=64), "distill.bacth", "Extra inputs are not permitted"),
+        (lambda p: p["teacher"].update(batch="big"), "teacher.batch", "valid integer"),
+        (lambda p: p["distill"].update(batch=-4), "distill.batch", "greater than 0"),
+        (lambda p: p["teacher"]["network"].update(dropout=1.5), "teacher.network.dropout", "less than 1"),
+        (lambda p: p["study"].update(methods=["sid", "nope"]), "study.methods.1", "sid"),
+        (lambda p: p["study"].update(lrs=["1e-4", 0.0001]), "study.lrs", "unique"),
+        (lambda p: p["study"].update(lrs=["fast"]), "study.lrs.0", "expected a number"),
+        (lambda p: p["sid"].update(t_max=2000), "sid.t_max", "less than or equal to 1000"),
+        (lambda p: p["distill"]["per_method"].update(sid={"bacth": 8}), "distill.per_method.sid.bacth", "Extra inputs"),
+        (lambda p: p["distill"]["per_method"].update(dmd={"batch": 8}), "distill.per_method.dmd", "sid"),
+        (
+            lambda p: p["distill"]["per_method"].update(sid={"batch": 100, "shards": 3}),
+            "distill",
+            "per_method.sid: batch 100 is not divisible by shards 3",
+        ),
+        (lambda p: p.update(data={"source": "edm-zip", "path": "d.zip"}), "data", "data.resolution is required"),
+        (
+            lambda p: p["sid"].update(augment_p=0.12),
+            "(top level)",
+            "sid.augment_p > 0 needs a teacher with EDM's augment",
+        ),
+        (lambda p: p["evaluation"].update(fid_aggregate="median"), "evaluation.fid_aggregate", "'min' or 'mean'"),
+    ],
+)
 def test_bad_value_is_refused_naming_the_key(edit, key, words):
     raw = toy()
     edit(raw)
@@ -74,7 +84,9 @@ def test_unreadable_yaml_is_a_clear_error(tmp_path):
 
 def test_per_method_settings_override_only_their_own_keys_and_method():
     raw = toy()
-    raw["distill"]["per_method"] = {"sid": {"batch": 8192, "ema_halflife_kimg": 2000, "generator_adam_betas": [0.9, 0.999]}}
+    raw["distill"]["per_method"] = {
+        "sid": {"batch": 8192, "ema_halflife_kimg": 2000, "generator_adam_betas": [0.9, 0.999]}
+    }
     d = parse_params(raw).distill
     sid, sim = d.for_method("sid"), d.for_method("sim")
     assert (sid.batch, sid.ema_halflife_kimg, sid.generator_adam_betas) == (8192, 2000, (0.9, 0.999))

@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+
 from conftest import copy_project, sh
 
 
@@ -25,9 +26,20 @@ def repo(built_micro, tmp_path_factory):
 
 def test_repro_builds_the_results_table(repo):
     repo, output = repo
-    assert stages_run(output) == {"data", "teacher", "features", "reference_stats", "teacher_samples",
-                                  "distill@sid-1e-4", "distill@sid-3e-5", "evaluate@sid-1e-4",
-                                  "evaluate@sid-3e-5", "report", "preference@0", "preference_report"}
+    assert stages_run(output) == {
+        "data",
+        "teacher",
+        "features",
+        "reference_stats",
+        "teacher_samples",
+        "distill@sid-1e-4",
+        "distill@sid-3e-5",
+        "evaluate@sid-1e-4",
+        "evaluate@sid-3e-5",
+        "report",
+        "preference@0",
+        "preference_report",
+    }
     table = pd.read_csv(repo / "reports" / "results.csv")
     assert len(table) == 3
     assert table["method"][0].startswith("teacher") and table["NFE"][0] == 7
@@ -66,10 +78,12 @@ def test_second_repro_is_a_noop(repo):
 
 def test_every_stage_is_an_mlflow_run_with_tags(repo):
     repo, _ = repo
-    code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
-            "df = mlflow.search_runs(search_all_experiments=True);"
-            "print(df[['tags.dvc_stage','tags.method','tags.lr','tags.git_commit','params.method','params.lr',"
-            "'params.batch','params.seed']].to_csv(index=False))")
+    code = (
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+        "df = mlflow.search_runs(search_all_experiments=True);"
+        "print(df[['tags.dvc_stage','tags.method','tags.lr','tags.git_commit','params.method','params.lr',"
+        "'params.batch','params.seed']].to_csv(index=False))"
+    )
     out = sh([sys.executable, "-c", code], repo).stdout
     runs = pd.read_csv(io.StringIO(out), dtype=str)
     assert {"teacher", "distill@sid-1e-4", "evaluate@sid-3e-5", "reference_stats"} <= set(runs["tags.dvc_stage"])

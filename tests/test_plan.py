@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, sh
 
 from pipeline.params import load_params
 from pipeline.plan import dag, disk_gb, downloads, network
+
+from conftest import ROOT, sh
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 
@@ -23,11 +24,14 @@ def test_plan_of_a_cifar10_profile_runs_offline(profile):
     assert f"edm-cifar10-32x32-{vp}.pkl" in out and "cifar10-32x32.npz" in out
 
 
-@pytest.mark.parametrize("profile,teacher,lrs", [
-    ("ffhq-64", "edm-ffhq-64x64-uncond-vp.pkl", ["1e-5", "2e-5"]),
-    ("afhqv2-64", "edm-afhqv2-64x64-uncond-vp.pkl", ["5e-6", "2e-5"]),
-    ("imagenet-64", "edm-imagenet-64x64-cond-adm.pkl", ["4e-6", "8e-6"]),
-])
+@pytest.mark.parametrize(
+    "profile,teacher,lrs",
+    [
+        ("ffhq-64", "edm-ffhq-64x64-uncond-vp.pkl", ["1e-5", "2e-5"]),
+        ("afhqv2-64", "edm-afhqv2-64x64-uncond-vp.pkl", ["5e-6", "2e-5"]),
+        ("imagenet-64", "edm-imagenet-64x64-cond-adm.pkl", ["4e-6", "8e-6"]),
+    ],
+)
 def test_plan_of_a_64px_profile_runs_offline(profile, teacher, lrs):
     out = sh([DISTILLERY, "plan", "--profile", profile, "--no-measure"], ROOT).stdout
     assert f"profile {profile}" in out and "valid" in out
@@ -36,9 +40,16 @@ def test_plan_of_a_64px_profile_runs_offline(profile, teacher, lrs):
     assert teacher in out and f"fid-refs/{name}.npz" in out and f"local file datasets/{name}.zip" in out
 
 
-@pytest.mark.parametrize("profile,n_params", [
-    ("cifar10-uncond", 55_733_891), ("cifar10-cond", 55_735_299), ("ffhq-64", 61_805_571),
-    ("afhqv2-64", 61_805_571), ("imagenet-64", 295_899_267)])
+@pytest.mark.parametrize(
+    "profile,n_params",
+    [
+        ("cifar10-uncond", 55_733_891),
+        ("cifar10-cond", 55_735_299),
+        ("ffhq-64", 61_805_571),
+        ("afhqv2-64", 61_805_571),
+        ("imagenet-64", 295_899_267),
+    ],
+)
 def test_each_profile_describes_its_official_teacher(profile, n_params):
     # parameter counts of the official checkpoints, docs/methods.md §1.4 (the meta device allocates nothing)
     with torch.device("meta"):

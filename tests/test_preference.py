@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from distillery.preference.analysis import (Comparison, bootstrap_bradley_terry, bradley_terry, pair_result,
-                                            wilson_interval)
+from pipeline.preference_params import PreferenceParams
+
+from distillery.preference.analysis import (
+    Comparison,
+    bootstrap_bradley_terry,
+    bradley_terry,
+    pair_result,
+    wilson_interval,
+)
 from distillery.preference.page import script_json
 from distillery.preference.study import BROKEN, BROKEN_SIDE, COMPARISON, IDENTICAL, StudyKey, build_study, load_samples
 from distillery.preference.votes import VotesError, read_votes
-from pipeline.preference_params import PreferenceParams
+
 from stages.preference import write_study
 from stages.preference_report import build, markdown
 
@@ -34,9 +41,18 @@ def section_for(tmp_path, pairs=(("teacher", "sid-1e-4"),), **overrides):
     for name in {n for pair in pairs for n in pair}:
         if not (tmp_path / "samples" / f"{name}.npz").exists():
             save_samples(tmp_path / "samples" / f"{name}.npz", seed=len(name))
-    return PreferenceParams(**{"items": 8, "attention_checks": 2, "pairs": [{"a": a, "b": b} for a, b in pairs],
-                               "samples_dir": str(tmp_path / "samples"), "output_dir": str(tmp_path / "preference"),
-                               "votes_dir": str(tmp_path / "votes"), "bootstrap": 200, **overrides})
+    return PreferenceParams(
+        **{
+            "items": 8,
+            "attention_checks": 2,
+            "pairs": [{"a": a, "b": b} for a, b in pairs],
+            "samples_dir": str(tmp_path / "samples"),
+            "output_dir": str(tmp_path / "preference"),
+            "votes_dir": str(tmp_path / "votes"),
+            "bootstrap": 200,
+            **overrides,
+        }
+    )
 
 
 def key_of(section, pair=0):
@@ -57,6 +73,7 @@ def attentive(key):
 
 # --- params -------------------------------------------------------------------------------------------------
 
+
 def test_default_params_describe_the_toy_study():
     p = PreferenceParams()
     assert [(q.a, q.b, q.name) for q in p.pairs] == [("teacher", "sid-1e-4", "teacher-vs-sid-1e-4")]
@@ -65,20 +82,24 @@ def test_default_params_describe_the_toy_study():
         p.pair("sid-1e-4", "teacher")
 
 
-@pytest.mark.parametrize("raw,words", [
-    ({"pairs": [{"a": "teacher", "b": "teacher"}]}, "different runs"),
-    ({"pairs": [{"a": "x", "b": "y"}, {"a": "y", "b": "x"}]}, "listed twice"),
-    ({"pairs": [{"a": "../x", "b": "y"}]}, "pattern"),
-    ({"pairs": []}, "at least 1"),
-    ({"itmes": 3}, "Extra inputs"),
-    ({"bootstrap_unit": "pixel"}, "rater"),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ({"pairs": [{"a": "teacher", "b": "teacher"}]}, "different runs"),
+        ({"pairs": [{"a": "x", "b": "y"}, {"a": "y", "b": "x"}]}, "listed twice"),
+        ({"pairs": [{"a": "../x", "b": "y"}]}, "pattern"),
+        ({"pairs": []}, "at least 1"),
+        ({"itmes": 3}, "Extra inputs"),
+        ({"bootstrap_unit": "pixel"}, "rater"),
+    ],
+)
 def test_bad_preference_params_are_refused(raw, words):
     with pytest.raises(ValidationError, match=words):
         PreferenceParams.model_validate(raw)
 
 
 # --- the study ----------------------------------------------------------------------------------------------
+
 
 def test_items_pair_the_same_seed_and_label_with_seeded_sides_and_checks(tmp_path):
     save_samples(tmp_path / "a.npz", 1)
@@ -126,9 +147,15 @@ def test_the_study_folder_is_deterministic_and_blind(tmp_path):
     first = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     write_study(section, section.pairs[0])
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == first
-    assert {str(p) for p in first} == {"README.md", "key.json", "study/index.html", "study/labelstudio/tasks.json",
-                                       "study/labelstudio/config.xml", "study/mturk/batch.csv",
-                                       "study/mturk/layout.html"}
+    assert {str(p) for p in first} == {
+        "README.md",
+        "key.json",
+        "study/index.html",
+        "study/labelstudio/tasks.json",
+        "study/labelstudio/config.xml",
+        "study/mturk/batch.csv",
+        "study/mturk/layout.html",
+    }
     for path, content in first.items():  # names never reach what participants see
         if path.parts[0] == "study":
             assert b"teacher-x" not in content and b"student-y" not in content, path
@@ -154,6 +181,7 @@ def test_json_in_the_page_cannot_close_its_script_element():
 
 # --- votes --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def built(tmp_path):
     section = section_for(tmp_path)
@@ -167,15 +195,17 @@ def test_malformed_rows_are_refused_with_file_and_line_and_nothing_is_imported(b
     study, items = key["study"], [i["id"] for i in key["items"]]
     path = tmp_path / "votes" / "bad.csv"
     path.parent.mkdir()
-    path.write_text("study,item,rater,choice\n"
-                    f"{study},{items[0]},alice,left\n"        # line 2: fine
-                    f"{study},{items[1]},alice,maybe\n"       # 3: unknown choice
-                    f"{study},nope,alice,left\n"              # 4: unknown item
-                    f"cafe,{items[2]},alice,left\n"           # 5: unknown study
-                    f"{study},{items[3]},alice\n"             # 6: a field missing
-                    f"{study},{items[4]},=cmd|x,left\n"       # 7: not a rater code
-                    "\n"
-                    f"{study},{items[0]},alice,right\n")      # 9: alice again on item 0
+    path.write_text(
+        "study,item,rater,choice\n"
+        f"{study},{items[0]},alice,left\n"  # line 2: fine
+        f"{study},{items[1]},alice,maybe\n"  # 3: unknown choice
+        f"{study},nope,alice,left\n"  # 4: unknown item
+        f"cafe,{items[2]},alice,left\n"  # 5: unknown study
+        f"{study},{items[3]},alice\n"  # 6: a field missing
+        f"{study},{items[4]},=cmd|x,left\n"  # 7: not a rater code
+        "\n"
+        f"{study},{items[0]},alice,right\n"
+    )  # 9: alice again on item 0
     with pytest.raises(VotesError) as e:
         read_votes([path], keys)
     lines = [p.split(": ", 1)[0] for p in e.value.problems]
@@ -199,11 +229,24 @@ def label_studio_export(key, annotations):
     """A Label Studio JSON export: one task per item with the given annotations (completed_by, choice or None)."""
     tasks = []
     for n, item in enumerate(key["items"], 1):
-        results = [{"id": f"r{n}{user}", "completed_by": user, "was_cancelled": choice is None, "result": [] if choice
-                    is None else [{"from_name": "choice", "to_name": "left", "type": "choices",
-                                   "value": {"choices": [choice]}}]} for user, choice in annotations(item)]
-        tasks.append({"id": n, "data": {"study": key["study"], "item": item["id"], "left": "…", "right": "…",
-                                        "prompt": ""}, "annotations": results})
+        results = [
+            {
+                "id": f"r{n}{user}",
+                "completed_by": user,
+                "was_cancelled": choice is None,
+                "result": []
+                if choice is None
+                else [{"from_name": "choice", "to_name": "left", "type": "choices", "value": {"choices": [choice]}}],
+            }
+            for user, choice in annotations(item)
+        ]
+        tasks.append(
+            {
+                "id": n,
+                "data": {"study": key["study"], "item": item["id"], "left": "…", "right": "…", "prompt": ""},
+                "annotations": results,
+            }
+        )
     return json.dumps(tasks, indent=2)
 
 
@@ -214,8 +257,10 @@ def test_label_studio_and_mturk_results_import_and_unblind(built, tmp_path):
     export = label_studio_export(key, lambda item: [(7, label[answers[item["id"]]]), (8, None)])
     (tmp_path / "votes").mkdir()
     (tmp_path / "votes" / "project-1.json").write_text(export)
-    rows = ["HITId,AssignmentId,WorkerId,AssignmentStatus,Input.study,Input.item,Input.left,Input.right,"
-            "Input.prompt,Answer.choice"]
+    rows = [
+        "HITId,AssignmentId,WorkerId,AssignmentStatus,Input.study,Input.item,Input.left,Input.right,"
+        "Input.prompt,Answer.choice"
+    ]
     for n, item in enumerate(key["items"]):
         rows.append(f"H{n},A{n},W1,Approved,{key['study']},{item['id']},x,y,class 1,{answers[item['id']]}")
         rows.append(f"H{n},B{n},W2,Rejected,{key['study']},{item['id']},x,y,class 1,left")
@@ -243,6 +288,7 @@ def test_label_studio_problems_name_the_line_of_the_task(built, tmp_path):
 
 # --- analysis -----------------------------------------------------------------------------------------------
 
+
 def test_wilson_interval_matches_known_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
@@ -268,16 +314,21 @@ def test_bradley_terry_recovers_known_strengths():
 
 def test_bootstrap_is_seeded_and_resamples_whole_raters():
     rng = np.random.default_rng(0)
-    comparisons = [Comparison(f"r{r}", f"s/{k}", *pair, float(rng.random() < 0.7))
-                   for r in range(12) for k, pair in enumerate([("A", "B"), ("B", "C"), ("A", "C")] * 4)]
+    comparisons = [
+        Comparison(f"r{r}", f"s/{k}", *pair, float(rng.random() < 0.7))
+        for r in range(12)
+        for k, pair in enumerate([("A", "B"), ("B", "C"), ("A", "C")] * 4)
+    ]
     compared = np.array([[0, 1, 1], [0, 0, 1], [0, 0, 0]], dtype=bool)
     scores = bootstrap_bradley_terry(comparisons, ["A", "B", "C"], compared, 1.0, "rater", 300, seed=5)
     assert scores == bootstrap_bradley_terry(comparisons, ["A", "B", "C"], compared, 1.0, "rater", 300, seed=5)
     assert all(s.low < s.theta < s.high for s in scores)
     assert scores[0].theta > scores[1].theta > scores[2].theta
     one_rater = [c for c in comparisons if c.rater == "r0"]
-    assert all(np.isnan(s.low) for s in bootstrap_bradley_terry(one_rater, ["A", "B", "C"], compared, 1.0, "rater",
-                                                                 300, seed=5))
+    assert all(
+        np.isnan(s.low)
+        for s in bootstrap_bradley_terry(one_rater, ["A", "B", "C"], compared, 1.0, "rater", 300, seed=5)
+    )
     result = pair_result("B", "A", comparisons)
     forward = pair_result("A", "B", comparisons)
     assert (result.a_wins, result.ties, result.b_wins) == (forward.b_wins, forward.ties, forward.a_wins)
@@ -286,8 +337,10 @@ def test_bootstrap_is_seeded_and_resamples_whole_raters():
 def test_a_rater_failing_attention_checks_is_excluded_and_reported(built, tmp_path):
     section, key, keys = built
     good = attentive(key)
-    careless = {i: ("left" if c == "tie" else "tie") if any(x["id"] == i and x["expected"] for x in key["items"])
-                else "right" for i, c in good.items()}
+    careless = {
+        i: ("left" if c == "tie" else "tie") if any(x["id"] == i and x["expected"] for x in key["items"]) else "right"
+        for i, c in good.items()
+    }
     write_page_votes(tmp_path / "votes" / "alice.csv", key["study"], "alice", good)
     write_page_votes(tmp_path / "votes" / "zed.csv", key["study"], "zed", careless)
     analysis, files, votes = build(section)
@@ -297,8 +350,10 @@ def test_a_rater_failing_attention_checks_is_excluded_and_reported(built, tmp_pa
     report = markdown(analysis, section, files, votes)
     assert "| page:zed | 10 | 2 | 2 |" in report
     assert "| teacher | sid-1e-4 | 8 | 8 | 0 | 0 | 100.0% [67.6, 100.0] |" in report
-    assert ("20 votes from 2 raters in 2 files; 1 rater excluded for more than 0 wrong attention checks; "
-            "8 votes of the kept 1 rater on real comparisons") in report
+    assert (
+        "20 votes from 2 raters in 2 files; 1 rater excluded for more than 0 wrong attention checks; "
+        "8 votes of the kept 1 rater on real comparisons"
+    ) in report
 
 
 def test_three_systems_get_bradley_terry_scores(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.preference_params import PreferenceParams
+
 from stages.preference import PAGE, write_study
 from stages.preference_report import build, markdown
 
@@ -23,11 +24,20 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser at /usr/bin/chromium (apt-get install chromium)"),
     pytest.mark.timeout(120),
 ]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KEYS = {"left": "ArrowLeft", "right": "ArrowRight", "tie": "ArrowDown"}
-EVIL = ('</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-        '<b>bold</b> & \u2028 "quoted"')
+EVIL = (
+    '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"><b>bold</b> & \u2028 "quoted"'
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +52,23 @@ def study(tmp_path, **overrides):
     rng = np.random.default_rng(0)
     for name in ("teacher", "sid-1e-4"):
         (tmp_path / "samples").mkdir(exist_ok=True)
-        np.savez(tmp_path / "samples" / f"{name}.npz", images=rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8),
-                 seeds=np.arange(20, dtype=np.int64), labels=np.arange(20) % 2)
-    section = PreferenceParams(**{"items": 6, "attention_checks": 2, "samples_dir": str(tmp_path / "samples"),
-                                  "output_dir": str(tmp_path / "preference"), "votes_dir": str(tmp_path / "votes"),
-                                  "label_names": ["zero", "one"], **overrides})
+        np.savez(
+            tmp_path / "samples" / f"{name}.npz",
+            images=rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8),
+            seeds=np.arange(20, dtype=np.int64),
+            labels=np.arange(20) % 2,
+        )
+    section = PreferenceParams(
+        **{
+            "items": 6,
+            "attention_checks": 2,
+            "samples_dir": str(tmp_path / "samples"),
+            "output_dir": str(tmp_path / "preference"),
+            "votes_dir": str(tmp_path / "votes"),
+            "label_names": ["zero", "one"],
+            **overrides,
+        }
+    )
     folder, _ = write_study(section, section.pairs[0])
     return section, folder, json.loads((folder / "key.json").read_text())
 
@@ -109,8 +131,10 @@ def test_votes_by_keys_and_clicks_are_downloaded_imported_and_unblinded(browser,
             expected[items[item][choice] if choice != "tie" else "tie"] += 1
     (pair,) = analysis.pairs
     assert (pair.a_wins, pair.ties, pair.b_wins) == (expected["teacher"], expected["tie"], expected["sid-1e-4"])
-    assert (f"| teacher | sid-1e-4 | 6 | {expected['teacher']} | {expected['tie']} | {expected['sid-1e-4']} |"
-            in markdown(analysis, section, files, n))
+    assert (
+        f"| teacher | sid-1e-4 | 6 | {expected['teacher']} | {expected['tie']} | {expected['sid-1e-4']} |"
+        in markdown(analysis, section, files, n)
+    )
 
 
 def test_markup_in_labels_and_question_shows_as_text_and_runs_nothing(browser, tmp_path):

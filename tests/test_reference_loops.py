@@ -14,6 +14,7 @@ from distillery.methods.gdd import GDD
 from distillery.methods.sid import SiD
 from distillery.methods.sim import SIM
 from distillery.training import TrainingData, distill, sanitize_grads
+
 from toys import tiny_edm, tiny_run
 
 
@@ -34,7 +35,7 @@ def test_fake_score_samples_come_from_the_eval_mode_generator(method_class):
     calls = record_calls(generator)
     z = torch.randn(6, 1, 8, 8)
     method.aux_loss(generator, fake, z).backward()
-    (training, _, samples), = calls
+    ((training, _, samples),) = calls
     expected = method.generate(copy.deepcopy(generator).eval(), z)
     assert not training and torch.equal(samples, expected)
     assert generator.training  # and its mode is restored
@@ -59,10 +60,18 @@ def test_conditional_runs_generate_with_the_labels_of_the_data_set(method):
     teacher = tiny_edm(label_dim=3, dropout=0.5, perturb=0.3, redraw=True).eval().requires_grad_(False)
     generator, aux = method.make_generator(teacher), method.make_aux(teacher)
     calls = record_calls(generator)
-    data = TrainingData(images=torch.rand(16, 1, 8, 8) * 2 - 1 if method.needs_real_data else None,
-                        labels=torch.full([16], 2))
-    distill(method, teacher if method.needs_teacher else None, generator, aux, tiny_run(duration_kimg=0.016),
-            data=data, label_dim=3)
+    data = TrainingData(
+        images=torch.rand(16, 1, 8, 8) * 2 - 1 if method.needs_real_data else None, labels=torch.full([16], 2)
+    )
+    distill(
+        method,
+        teacher if method.needs_teacher else None,
+        generator,
+        aux,
+        tiny_run(duration_kimg=0.016),
+        data=data,
+        label_dim=3,
+    )
     labels = torch.cat([c for _, c, _ in calls])
     assert len(calls) == 4 and torch.equal(labels, torch.eye(3)[torch.full([len(labels)], 2)])
 

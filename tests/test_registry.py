@@ -24,8 +24,11 @@ def test_params_build_the_registered_method_with_their_settings(name):
     # a non-default value of every scalar setting the method keeps reaches the method object
     m = METHODS[name]
     defaults = m.settings()
-    changed = {k: v * 1.5 for k, v in defaults.model_dump().items()
-               if isinstance(v, float) and hasattr(m.build(), k) and k != "augment_p"}
+    changed = {
+        k: v * 1.5
+        for k, v in defaults.model_dump().items()
+        if isinstance(v, float) and hasattr(m.build(), k) and k != "augment_p"
+    }
     assert changed, "every method keeps at least one numeric setting"
     params = parse_params({"study": {"methods": [name]}, name: changed})
     method = params.method(name)

@@ -1,6 +1,7 @@
 """The report marks blown-up runs instead of dropping them, and keeps published numbers apart and sourced."""
 
 from pipeline.published import PUBLISHED, published_rows
+
 from stages.report import status
 
 TRAIN = {"diverged": False, "final_monitor_fid": 10.0, "best_monitor_fid": 8.0}
@@ -33,8 +34,13 @@ def test_fids_of_different_protocols_are_refused_in_one_column():
     from stages.report import common_protocol
     from stages.skeleton import StageFailed
 
-    p = {"extractor": "inception-v3-compat", "weights_sha256": "a", "num_samples": 50000, "seeds": "0-49999",
-         "reference_sha256": "b"}
+    p = {
+        "extractor": "inception-v3-compat",
+        "weights_sha256": "a",
+        "num_samples": 50000,
+        "seeds": "0-49999",
+        "reference_sha256": "b",
+    }
     assert common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": dict(p)}}) == p
     try:
         common_protocol({"teacher": {"protocol": p}, "sid-1e-5": {"protocol": {**p, "num_samples": 10000}}})

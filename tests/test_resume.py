@@ -8,6 +8,7 @@ import torch
 from distillery.checkpoint import load_state
 from distillery.methods.sid import SiD
 from distillery.training import distill, train_teacher
+
 from toys import tiny_edm, tiny_run
 
 
@@ -19,6 +20,7 @@ def interrupt_after(kimg):
     def progress(nimg, _):
         if nimg >= kimg * 1000:
             raise Interrupt
+
     return progress
 
 
@@ -33,9 +35,17 @@ def teacher_run(tmp_path, on_progress=None):
     torch.manual_seed(1)
     images = torch.rand(64, 1, 8, 8) * 2 - 1
     net = tiny_edm(dropout=0.1)
-    kwargs = dict(batch=16, lr=1e-3, lr_rampup_kimg=0.05, duration_kimg=0.16, ema_halflife_kimg=0.05,
-                  ema_rampup_ratio=0.05, checkpoint_path=tmp_path / "teacher.pt", checkpoint_kimg=0.064,
-                  fingerprint="f")
+    kwargs = dict(
+        batch=16,
+        lr=1e-3,
+        lr_rampup_kimg=0.05,
+        duration_kimg=0.16,
+        ema_halflife_kimg=0.05,
+        ema_rampup_ratio=0.05,
+        checkpoint_path=tmp_path / "teacher.pt",
+        checkpoint_kimg=0.064,
+        fingerprint="f",
+    )
     return train_teacher(net, images, None, on_progress=on_progress, **kwargs)
 
 
@@ -48,9 +58,20 @@ def test_teacher_resume_is_bit_identical(tmp_path):
     assert_same_bits(reference, resumed)
     # and the comparison is sensitive: a run from another seed differs
     torch.manual_seed(7)
-    other = train_teacher(tiny_edm(dropout=0.1), torch.rand(64, 1, 8, 8) * 2 - 1, None, batch=16, lr=1e-3,
-                          lr_rampup_kimg=0.05, duration_kimg=0.16, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
-    assert not torch.equal(other.state_dict()["model.map_layer0.weight"], reference.state_dict()["model.map_layer0.weight"])
+    other = train_teacher(
+        tiny_edm(dropout=0.1),
+        torch.rand(64, 1, 8, 8) * 2 - 1,
+        None,
+        batch=16,
+        lr=1e-3,
+        lr_rampup_kimg=0.05,
+        duration_kimg=0.16,
+        ema_halflife_kimg=0.05,
+        ema_rampup_ratio=0.05,
+    )
+    assert not torch.equal(
+        other.state_dict()["model.map_layer0.weight"], reference.state_dict()["model.map_layer0.weight"]
+    )
 
 
 def distill_run(tmp_path, fingerprint="f", on_progress=None, lr=1e-4):
@@ -59,10 +80,17 @@ def distill_run(tmp_path, fingerprint="f", on_progress=None, lr=1e-4):
     generator = copy.deepcopy(teacher).requires_grad_(True)
     fake = SiD().make_aux(teacher)
     values = iter(range(100, 0, -1))  # a monitor whose "FID" improves each call
-    return distill(SiD(), teacher, generator, fake,
-                   tiny_run(lr=lr, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
-                   checkpoint_path=tmp_path / "distill.pt", fingerprint=fingerprint,
-                   monitor=lambda ema: next(values) + torch.rand(()).item(), on_progress=on_progress)
+    return distill(
+        SiD(),
+        teacher,
+        generator,
+        fake,
+        tiny_run(lr=lr, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
+        checkpoint_path=tmp_path / "distill.pt",
+        fingerprint=fingerprint,
+        monitor=lambda ema: next(values) + torch.rand(()).item(),
+        on_progress=on_progress,
+    )
 
 
 def test_distill_resume_is_bit_identical(tmp_path):

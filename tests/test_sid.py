@@ -3,6 +3,7 @@ import torch
 
 from distillery.edm import edm_loss
 from distillery.methods.sid import SiD, sid_generator_loss, sid_loss_core, sid_sigmas
+
 from toys import F64, AffineGenerator, gaussian, tiny_edm
 
 
@@ -16,8 +17,8 @@ class TinyDenoiser(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         self.modes.append(self.training)
-        c_skip = 0.25 / (sigma ** 2 + 0.25)
-        return c_skip * x + self.lin(x / (sigma ** 2 + 0.25).sqrt())
+        c_skip = 0.25 / (sigma**2 + 0.25)
+        return c_skip * x + self.lin(x / (sigma**2 + 0.25).sqrt())
 
 
 def exact_fake(generator):
@@ -52,10 +53,10 @@ def fisher_gradient(mu, log_s, mu_p, s_p, sigma, frozen_sampling):
     Both noised scores are affine: s(x) = -(x - m) / v; pi = N(mu, v_theta I), detached if frozen_sampling.
     """
     mu, log_s = mu.clone().requires_grad_(), log_s.clone().requires_grad_()
-    v_p, v_theta = s_p ** 2 + sigma ** 2, log_s.exp() ** 2 + sigma ** 2
+    v_p, v_theta = s_p**2 + sigma**2, log_s.exp() ** 2 + sigma**2
     slope, offset = 1 / v_theta - 1 / v_p, mu_p / v_p - mu / v_theta  # s_p - s_theta = slope * x + offset
     pi_mean, pi_var = (mu.detach(), v_theta.detach()) if frozen_sampling else (mu, v_theta)
-    divergence = ((slope * pi_mean + offset) ** 2).sum() + mu.numel() * slope ** 2 * pi_var
+    divergence = ((slope * pi_mean + offset) ** 2).sum() + mu.numel() * slope**2 * pi_var
     return torch.autograd.grad(divergence, [mu, log_s])
 
 
@@ -67,11 +68,11 @@ def sid_gradient(alpha, mu, log_s, mu_p, s_p, sigma, batch=200_000):
     z, eps = torch.cat([z, -z]), torch.cat([eps, -eps])  # antithetic pairs cancel the odd noise terms
     x_g = SiD().generate(generator, z)
     x_t = x_g + sigma * eps
-    loss = sid_loss_core(x_g, teacher(x_t, sigma), exact_fake(generator)(x_t, sigma), alpha).mean() / sigma ** 4
+    loss = sid_loss_core(x_g, teacher(x_t, sigma), exact_fake(generator)(x_t, sigma), alpha).mean() / sigma**4
     return torch.autograd.grad(loss, [generator.mu, generator.log_s])
 
 
-@pytest.mark.parametrize('alpha, frozen_sampling', [(1.0, True), (0.5, False)])
+@pytest.mark.parametrize("alpha, frozen_sampling", [(1.0, True), (0.5, False)])
 def test_sid_gradient_is_half_the_fisher_divergence_gradient(alpha, frozen_sampling):
     # docs/methods.md §3.1: alpha = 1 <-> Fisher divergence with the sampling distribution frozen at theta;
     # alpha = 0.5 <-> the full Fisher divergence (sampling distribution differentiated too).
@@ -94,7 +95,7 @@ def test_sid_generator_loss_is_the_core_over_the_detached_l1_normaliser():
     normaliser = (x_g - d_teacher).abs().mean([1, 2, 3])
     diff = d_teacher - d_fake
     # Equivalent form from §3.1: (1 - alpha) ||D_phi - D_psi||^2 + (D_phi - D_psi) . (D_psi - x_g).
-    core = (-0.2 * diff ** 2 + diff * (d_fake - x_g)).sum([1, 2, 3])
+    core = (-0.2 * diff**2 + diff * (d_fake - x_g)).sum([1, 2, 3])
     assert loss.shape == (5,)
     assert torch.allclose(sid_loss_core(x_g, d_teacher, d_fake, 1.2), core)
     assert torch.allclose(loss, core / normaliser)
@@ -169,7 +170,7 @@ def test_non_finite_samples_are_dropped_from_both_losses():
     generator, fake = AffineGenerator([0.1, -0.2, 0.3], -0.2), TinyDenoiser(3)
     teacher = gaussian([0.5, 0.0, -0.5], 0.7)
     z = torch.randn(16, 3, dtype=F64)
-    z[3, 1] = float('nan')
+    z[3, 1] = float("nan")
     g_loss = SiD().generator_loss(generator, fake, teacher, z)
     g_loss.backward()
     assert g_loss.isfinite() and g_loss != 0

@@ -6,14 +6,16 @@ import sqlite3
 import sys
 
 import yaml
+
 from conftest import ROOT, sh
 
 
 def stage(tmp_path, module, *args, params=None):
     """Run `python -m stages.<module>` in a fresh directory holding only params.yaml."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params or {}))
-    return sh([sys.executable, "-m", f"stages.{module}", *args], tmp_path, check=False,
-              extra_env={"PYTHONPATH": str(ROOT)})
+    return sh(
+        [sys.executable, "-m", f"stages.{module}", *args], tmp_path, check=False, extra_env={"PYTHONPATH": str(ROOT)}
+    )
 
 
 def runs(tmp_path):
@@ -40,8 +42,9 @@ def test_a_run_params_yaml_does_not_define_exits_2_naming_the_runs(tmp_path):
 def test_a_failure_while_running_exits_1_and_marks_its_mlflow_run_failed(tmp_path):
     data = tmp_path / "set.zip"
     shutil.copy(ROOT / "tests" / "data" / "edm_checkpoint_keys.txt", data)  # any file: its hash is not the pin
-    result = stage(tmp_path, "data", params={"data": {"source": "edm-zip", "path": str(data), "resolution": 8,
-                                                      "sha256": "0" * 64}})
+    result = stage(
+        tmp_path, "data", params={"data": {"source": "edm-zip", "path": str(data), "resolution": 8, "sha256": "0" * 64}}
+    )
     assert result.returncode == 1
     assert "data: " in result.stderr and "but data.sha256 pins" in result.stderr and "Traceback" not in result.stderr
     assert runs(tmp_path) == [("data", "FAILED")]

@@ -70,16 +70,23 @@ def stages():
 
 def directory_modules(deps):
     """The module names of every .py file under the directory deps."""
-    return [".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            for dep in deps if (ROOT / dep).is_dir() for f in sorted((ROOT / dep).rglob("*.py"))]
+    return [
+        ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for dep in deps
+        if (ROOT / dep).is_dir()
+        for f in sorted((ROOT / dep).rglob("*.py"))
+    ]
 
 
 @pytest.mark.parametrize("stage,module,deps", list(stages()))
 def test_stage_deps_are_the_import_closure_of_its_module(stage, module, deps):
     closure = import_closure(module, *directory_modules(deps))
     covered = [ROOT / dep for dep in deps]
-    missing = sorted(str(path.relative_to(ROOT)) for path in closure
-                     if not any(path == dep or dep in path.parents for dep in covered))
+    missing = sorted(
+        str(path.relative_to(ROOT))
+        for path in closure
+        if not any(path == dep or dep in path.parents for dep in covered)
+    )
     assert not missing, f"dvc.yaml stage {stage!r} runs {module} but its deps lack: {', '.join(missing)}"
     # a listed module the stage does not run would rerun it for nothing
     extra = [dep for dep in deps if dep.endswith(".py") and ROOT / dep not in closure]

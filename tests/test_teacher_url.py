@@ -11,12 +11,13 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 from test_download import Handler
 from test_edm_pickle import write_official_pickle
-from toys import seeded_network, tiny_config
 
 from distillery.checkpoint import load_network
+
+from conftest import ROOT
+from toys import seeded_network, tiny_config
 
 CONFIG = tiny_config()
 
@@ -31,7 +32,12 @@ def served(tmp_path):
     write_official_pickle(tmp_path / "teacher.pkl", net, init_kwargs, src)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = (tmp_path / "teacher.pkl").read_bytes(), [], [], True
+    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = (
+        (tmp_path / "teacher.pkl").read_bytes(),
+        [],
+        [],
+        True,
+    )
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -42,8 +48,13 @@ def served(tmp_path):
 
 
 def run_teacher_stage(project):
-    return subprocess.run([sys.executable, "-m", "stages.teacher"], cwd=project, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(project)})
+    return subprocess.run(
+        [sys.executable, "-m", "stages.teacher"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(project)},
+    )
 
 
 def test_official_teacher_is_pinned_on_first_download_and_refused_when_it_changes(tmp_path, served):
@@ -71,8 +82,10 @@ def test_official_teacher_is_pinned_on_first_download_and_refused_when_it_change
     second = run_teacher_stage(project)
     assert second.returncode != 0 and "ChecksumMismatch" in second.stderr
     assert not (project / "downloads" / "teacher.pkl").exists()
-    assert torch.equal(load_network(project / "models" / "teacher").state_dict()["model.map_layer0.weight"],
-                       net.state_dict()["model.map_layer0.weight"])
+    assert torch.equal(
+        load_network(project / "models" / "teacher").state_dict()["model.map_layer0.weight"],
+        net.state_dict()["model.map_layer0.weight"],
+    )
 
 
 def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
@@ -95,11 +108,17 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
     thread.start()
     try:
         params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
-        params["evaluation"].update(reference="edm-npz", reference_download={
-            "url": url, "sha256": hashlib.sha256(httpd.payload).hexdigest()})
+        params["evaluation"].update(
+            reference="edm-npz", reference_download={"url": url, "sha256": hashlib.sha256(httpd.payload).hexdigest()}
+        )
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        result = subprocess.run([sys.executable, "-m", "stages.reference_stats"], cwd=tmp_path, capture_output=True,
-                                text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.reference_stats"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )
     finally:
         httpd.shutdown()
         httpd.server_close()

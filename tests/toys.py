@@ -71,15 +71,16 @@ class MLPDenoiser(torch.nn.Module):
     def forward(self, x, sigma, class_labels=None):
         self.modes.append(self.training)
         sigma = torch.as_tensor(sigma, dtype=F64).reshape(-1, 1).expand(x.shape[0], 1)
-        scale = (sigma ** 2 + 0.25).sqrt()
+        scale = (sigma**2 + 0.25).sqrt()
         out = self.net(torch.cat([x / scale, sigma.log()], 1))
-        return 0.25 / scale ** 2 * x + 0.5 * sigma / scale * out
+        return 0.25 / scale**2 * x + 0.5 * sigma / scale * out
 
 
 def gaussian(mean, std):
     """The exact denoiser of N(mean, std²I), as a one-component mixture."""
-    return GaussianMixture(torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1),
-                           torch.ones(1, dtype=F64))
+    return GaussianMixture(
+        torch.as_tensor(mean, dtype=F64)[None], torch.as_tensor(std, dtype=F64).reshape(1), torch.ones(1, dtype=F64)
+    )
 
 
 def assert_step_moves_toward_teacher(generator, loss, mu_p):
@@ -100,5 +101,15 @@ def assert_step_moves_toward_teacher(generator, loss, mu_p):
 
 def tiny_run(**settings):
     """The training settings of the tiny distillation runs of the tests: batch 8, 5 iterations, lr 1e-3."""
-    return DistillConfig(**{"batch": 8, "lr": 1e-3, "betas": (0.0, 0.999), "eps": 1e-8, "duration_kimg": 0.04,
-                            "ema_halflife_kimg": 0.01, "ema_rampup_ratio": 0.05, **settings})
+    return DistillConfig(
+        **{
+            "batch": 8,
+            "lr": 1e-3,
+            "betas": (0.0, 0.999),
+            "eps": 1e-8,
+            "duration_kimg": 0.04,
+            "ema_halflife_kimg": 0.01,
+            "ema_rampup_ratio": 0.05,
+            **settings,
+        }
+    )

@@ -57,10 +57,10 @@ def frozen(net, keep_mode=False):
 class DistillationMethod:
     """A generator G (initialised from the teacher) evaluated once: x_g = G(σ_init·z; σ_init)."""
 
-    needs_teacher = True        # GDD trains against real data only
+    needs_teacher = True  # GDD trains against real data only
     needs_real_data = False
-    generator_first = False     # SiD/SIM/DI update the fake score first; GDD updates G first
-    generator_dropout = None    # None keeps the teacher's dropout in G (SiD); GDD trains G without it
+    generator_first = False  # SiD/SIM/DI update the fake score first; GDD updates G first
+    generator_dropout = None  # None keeps the teacher's dropout in G (SiD); GDD trains G without it
 
     def make_aux(self, teacher):
         """The auxiliary network: a fake score (a teacher copy) or a discriminator."""
@@ -81,8 +81,9 @@ class DistillationMethod:
 
     def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
         """Adam for both networks; `generator_betas` where G's differ (SiD's FFHQ-64 generator uses β₁ = 0.9)."""
-        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas),
-                                 eps=eps)
+        opt_g = torch.optim.Adam(
+            self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas), eps=eps
+        )
         opt_aux = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), eps=eps)
         return opt_g, opt_aux
 
@@ -135,8 +136,15 @@ class FakeScoreMethod(DistillationMethod):
         class_labels = None if class_labels is None else class_labels[keep]
         if isinstance(aux, torch.nn.Module):
             aux.train()  # the fake net learns with its dropout
-        loss = edm_loss(aux, x_g, class_labels, augment_pipe=self.augment, P_mean=self.P_mean, P_std=self.P_std,
-                        sigma_data=self.sigma_data)
+        loss = edm_loss(
+            aux,
+            x_g,
+            class_labels,
+            augment_pipe=self.augment,
+            P_mean=self.P_mean,
+            P_std=self.P_std,
+            sigma_data=self.sigma_data,
+        )
         return loss[finite_rows(loss)].sum() / z.shape[0]
 
     def denoise_pair(self, teacher, fake, x_t, sigma, class_labels):

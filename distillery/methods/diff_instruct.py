@@ -35,7 +35,7 @@ def train_mode(*nets):
 
 def forked_rng(device):
     """A block after which the CPU random state, and that of `device` if it is an accelerator, is rewound."""
-    if device.type == 'cpu':
+    if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device], device_type=device.type)
 

@@ -74,22 +74,33 @@ class GDD(DistillationMethod):
     def make_aux(self, teacher):
         """The discriminator, on the teacher's device (the teacher gives its encoder, or only its label_dim)."""
         if self.discriminator == "teacher_encoder":
-            disc = TeacherEncoderDiscriminator(teacher, sigma=self.encoder_sigma, channels=self.head_channels,
-                                               cmap_dim=self.cmap_dim)
+            disc = TeacherEncoderDiscriminator(
+                teacher, sigma=self.encoder_sigma, channels=self.head_channels, cmap_dim=self.cmap_dim
+            )
         else:
-            disc = ProjectedDiscriminator(label_dim=teacher.label_dim, backbones=self.backbones,
-                                          weights=self.backbone_weights, resolution=self.resolution,
-                                          proj_channels=self.proj_channels, cmap_dim=self.cmap_dim)
+            disc = ProjectedDiscriminator(
+                label_dim=teacher.label_dim,
+                backbones=self.backbones,
+                weights=self.backbone_weights,
+                resolution=self.resolution,
+                proj_channels=self.proj_channels,
+                cmap_dim=self.cmap_dim,
+            )
         return disc.to(next(teacher.parameters()).device)
 
     def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
         """G: Adam(lr, generator_betas or betas, eps). D: StyleGAN2's lazy-regularisation correction with
         k = r1_interval/(r1_interval + 1): lr·d_lr_scale·k and β^k (GDD's (0, 0.99) give (0, 0.99^(16/17)), §3.3)."""
         k = self.r1_interval / (self.r1_interval + 1)
-        opt_g = torch.optim.Adam(self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas),
-                                 eps=eps)
-        opt_d = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=lr * self.d_lr_scale * k,
-                                 betas=tuple(b ** k for b in betas), eps=eps)
+        opt_g = torch.optim.Adam(
+            self.generator_parameters(generator), lr=lr, betas=tuple(generator_betas or betas), eps=eps
+        )
+        opt_d = torch.optim.Adam(
+            [p for p in aux.parameters() if p.requires_grad],
+            lr=lr * self.d_lr_scale * k,
+            betas=tuple(b**k for b in betas),
+            eps=eps,
+        )
         return opt_g, opt_d
 
     def regularizer_due(self, step):

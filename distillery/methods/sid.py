@@ -41,6 +41,7 @@ class SiD(FakeScoreMethod):
         Gradients reach the generator through x_g and through the inputs of both (frozen) denoisers.
         """
         x_g, _, d_teacher, d_fake = self.diffused_pair(
-            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device))
+            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device)
+        )
         per_sample = sid_generator_loss(x_g, d_teacher, d_fake, self.alpha)
         return per_sample.sum() * self.loss_scale_g / z.shape[0]

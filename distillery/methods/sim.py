@@ -35,13 +35,13 @@ from distillery.registry import SIMSettings
 def pseudo_huber_derivative(y, c):
     """d′(y) = y / √(‖y‖² + c²), the norm taken per sample over all pixels (§3.2)."""
     # §3.2: d(y) = sqrt(||y||^2 + c^2) - c, so d'(y) = y / sqrt(||y||^2 + c^2).
-    norm = (y.flatten(1).pow(2).sum(1) + c ** 2).sqrt()
+    norm = (y.flatten(1).pow(2).sum(1) + c**2).sqrt()
     return y / broadcast_per_sample(norm, y)
 
 
 def distance_derivative(y, distance, c):
     """d′(y) for the pseudo-Huber distance, or 2y for the squared ℓ₂ distance d = ‖y‖² (§3.2)."""
-    if distance == 'pseudo_huber':
+    if distance == "pseudo_huber":
         return pseudo_huber_derivative(y, c)
     return 2 * y
 
@@ -52,9 +52,9 @@ def sim_loss_core(x_g, d_teacher, d_fake, sigma, distance, c):
     d′(y)·(s_ψ − ∇log q(x_t | x_g)) with y = s_φ − s_ψ = (D_φ − D_ψ)/σ² and
     s_ψ − ∇log q = (D_ψ − x_g)/σ² (§3.2).
     """
-    y = (d_teacher - d_fake) / sigma ** 2
+    y = (d_teacher - d_fake) / sigma**2
     # §3.2: L_SIM = d'(y) . (s_psi(x_t) - grad log q(x_t | x_g)), summed over pixels.
-    return (distance_derivative(y, distance, c) * (d_fake - x_g) / sigma ** 2).flatten(1).sum(1)
+    return (distance_derivative(y, distance, c) * (d_fake - x_g) / sigma**2).flatten(1).sum(1)
 
 
 def sim_generator_loss(x_g, d_teacher, d_fake, sigma, distance, c, weight_power):
@@ -81,6 +81,7 @@ class SIM(FakeScoreMethod):
         including those inside the d′ factor.
         """
         x_g, sigma, d_teacher, d_fake = self.diffused_pair(
-            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device))
+            generator, aux, teacher, z, class_labels, lambda n, device: sid_sigmas(n, self.t_max, device=device)
+        )
         per_sample = sim_generator_loss(x_g, d_teacher, d_fake, sigma, self.distance, self.c, self.weight_power)
         return per_sample.sum() * self.loss_scale_g / z.shape[0]

@@ -34,8 +34,8 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
 class RaterScreen:
     rater: str
     votes: int
-    checks: int      # attention checks answered
-    failed: int      # of which answered wrongly
+    checks: int  # attention checks answered
+    failed: int  # of which answered wrongly
 
 
 def screen_raters(votes: list[Vote], keys: dict[str, StudyKey]) -> dict[str, RaterScreen]:
@@ -54,10 +54,10 @@ def screen_raters(votes: list[Vote], keys: dict[str, StudyKey]) -> dict[str, Rat
 @dataclass(frozen=True)
 class Comparison:
     rater: str
-    item: str        # "<study>/<item>"
-    a: str           # the study's first system
+    item: str  # "<study>/<item>"
+    a: str  # the study's first system
     b: str
-    score: float     # 1: a preferred, 0.5: tie, 0: b preferred
+    score: float  # 1: a preferred, 0.5: tie, 0: b preferred
 
 
 def unblind(votes: list[Vote], keys: dict[str, StudyKey]) -> list[Comparison]:
@@ -88,11 +88,11 @@ class PairResult:
     a_wins: int
     ties: int
     b_wins: int
-    a_rate: Rate | None          # share of votes; None without votes
+    a_rate: Rate | None  # share of votes; None without votes
     tie_rate: Rate | None
     b_rate: Rate | None
-    a_decisive: Rate | None      # share of the non-tie votes that prefer a
-    sign_test_p: float | None    # two-sided exact binomial test of a_wins vs b_wins, ties dropped
+    a_decisive: Rate | None  # share of the non-tie votes that prefer a
+    sign_test_p: float | None  # two-sided exact binomial test of a_wins vs b_wins, ties dropped
 
 
 def _rate(k, n, confidence):
@@ -106,8 +106,19 @@ def pair_result(a: str, b: str, comparisons: list[Comparison], confidence: float
     b_wins = n - a_wins - ties
     decisive = a_wins + b_wins
     p = float(stats.binomtest(a_wins, decisive, 0.5).pvalue) if decisive else None
-    return PairResult(a, b, n, a_wins, ties, b_wins, _rate(a_wins, n, confidence), _rate(ties, n, confidence),
-                      _rate(b_wins, n, confidence), _rate(a_wins, decisive, confidence), p)
+    return PairResult(
+        a,
+        b,
+        n,
+        a_wins,
+        ties,
+        b_wins,
+        _rate(a_wins, n, confidence),
+        _rate(ties, n, confidence),
+        _rate(b_wins, n, confidence),
+        _rate(a_wins, decisive, confidence),
+        p,
+    )
 
 
 def win_matrix(comparisons: list[Comparison], systems: list[str]) -> np.ndarray:
@@ -121,8 +132,9 @@ def win_matrix(comparisons: list[Comparison], systems: list[str]) -> np.ndarray:
     return wins
 
 
-def bradley_terry(wins: np.ndarray, compared: np.ndarray, prior: float, tol: float = 1e-10,
-                  max_iter: int = 100_000) -> np.ndarray:
+def bradley_terry(
+    wins: np.ndarray, compared: np.ndarray, prior: float, tol: float = 1e-10, max_iter: int = 100_000
+) -> np.ndarray:
     """Log-strengths θ (mean 0) maximising the Bradley–Terry likelihood, P(i over j) = 1 / (1 + exp(θj − θi)).
 
     `wins` is [..., K, K] (a batch of win matrices); `compared` [K, K] marks the pairs in the design, each of
@@ -155,8 +167,16 @@ class Score:
     high: float
 
 
-def bootstrap_bradley_terry(comparisons: list[Comparison], systems: list[str], compared: np.ndarray, prior: float,
-                            unit: str, resamples: int, seed: int, confidence: float = 0.95) -> list[Score]:
+def bootstrap_bradley_terry(
+    comparisons: list[Comparison],
+    systems: list[str],
+    compared: np.ndarray,
+    prior: float,
+    unit: str,
+    resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> list[Score]:
     """Bradley–Terry scores with percentile intervals from resampling whole units ("rater" or "item")."""
     theta = bradley_terry(win_matrix(comparisons, systems), compared, prior)
     units = defaultdict(list)
@@ -177,14 +197,22 @@ def bootstrap_bradley_terry(comparisons: list[Comparison], systems: list[str], c
 @dataclass(frozen=True)
 class Analysis:
     raters: dict[str, RaterScreen]
-    excluded: list[RaterScreen]      # raters with more than max_failed wrong attention checks
-    votes_used: int                  # votes of kept raters on real comparisons
+    excluded: list[RaterScreen]  # raters with more than max_failed wrong attention checks
+    votes_used: int  # votes of kept raters on real comparisons
     pairs: list[PairResult]
-    scores: list[Score] | None       # Bradley–Terry, only with more than two systems
+    scores: list[Score] | None  # Bradley–Terry, only with more than two systems
 
 
-def analyse(votes: list[Vote], keys: dict[str, StudyKey], max_failed: int, confidence: float = 0.95,
-            resamples: int = 2000, unit: str = "rater", prior: float = 1.0, seed: int = 0) -> Analysis:
+def analyse(
+    votes: list[Vote],
+    keys: dict[str, StudyKey],
+    max_failed: int,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    unit: str = "rater",
+    prior: float = 1.0,
+    seed: int = 0,
+) -> Analysis:
     raters = screen_raters(votes, keys)
     excluded = [r for r in raters.values() if r.failed > max_failed]
     dropped = {r.rater for r in excluded}

@@ -18,23 +18,36 @@ MTURK_COLUMNS = ("study", "item", "left", "right", "prompt")
 
 def label_studio_tasks(study: Study) -> str:
     """A task list to import into a Label Studio project (one task per item, in the study's order)."""
-    tasks = [{"data": {"study": study.study_id, "item": i.id, "left": png_data_uri(i.left),
-                       "right": png_data_uri(i.right), "prompt": i.prompt}} for i in study.items]
+    tasks = [
+        {
+            "data": {
+                "study": study.study_id,
+                "item": i.id,
+                "left": png_data_uri(i.left),
+                "right": png_data_uri(i.right),
+                "prompt": i.prompt,
+            }
+        }
+        for i in study.items
+    ]
     return json.dumps(tasks, indent=1, sort_keys=True) + "\n"
 
 
 def label_studio_config(question: str, image_px: int) -> str:
     """The labeling config: both images side by side, unsmoothed, and one required Left / Tie / Right choice."""
-    choices = "\n".join(f'    <Choice value="{value}" hotkey="{n}"/>'
-                        for n, value in enumerate(LABEL_STUDIO_CHOICES, 1))
+    choices = "\n".join(
+        f'    <Choice value="{value}" hotkey="{n}"/>' for n, value in enumerate(LABEL_STUDIO_CHOICES, 1)
+    )
     size = f'width="{image_px}px" maxWidth="{image_px}px"'
-    return (f'<View>\n  <Header value="{html.escape(question, quote=True)}"/>\n'
-            f'  <Text name="prompt" value="$prompt"/>\n'
-            f'  <View style="display: flex; gap: 2em;">\n'
-            f'    <Image name="left" value="$left" smoothing="false" {size}/>\n'
-            f'    <Image name="right" value="$right" smoothing="false" {size}/>\n  </View>\n'
-            f'  <Choices name="choice" toName="left" choice="single-radio" showInline="true" required="true">\n'
-            f'{choices}\n  </Choices>\n</View>\n')
+    return (
+        f'<View>\n  <Header value="{html.escape(question, quote=True)}"/>\n'
+        f'  <Text name="prompt" value="$prompt"/>\n'
+        f'  <View style="display: flex; gap: 2em;">\n'
+        f'    <Image name="left" value="$left" smoothing="false" {size}/>\n'
+        f'    <Image name="right" value="$right" smoothing="false" {size}/>\n  </View>\n'
+        f'  <Choices name="choice" toName="left" choice="single-radio" showInline="true" required="true">\n'
+        f"{choices}\n  </Choices>\n</View>\n"
+    )
 
 
 def mturk_batch(study: Study) -> str:

@@ -204,19 +204,29 @@ def _sha256(text: str) -> str:
 
 def render_page(study: Study, question: str, image_px: int) -> str:
     """The study page: every item of `study` in its order, images upscaled to `image_px` without smoothing."""
-    data = {"study": study.study_id,
-            "items": [{"id": i.id, "left": png_data_uri(i.left), "right": png_data_uri(i.right), "prompt": i.prompt}
-                      for i in study.items]}
-    script = (f'\n"use strict";\nconst HEADER = {json.dumps(list(PAGE_CSV_HEADER))};\n'
-              f"const RATER = /{RATER_PATTERN}/;" + SCRIPT)
+    data = {
+        "study": study.study_id,
+        "items": [
+            {"id": i.id, "left": png_data_uri(i.left), "right": png_data_uri(i.right), "prompt": i.prompt}
+            for i in study.items
+        ],
+    }
+    script = (
+        f'\n"use strict";\nconst HEADER = {json.dumps(list(PAGE_CSV_HEADER))};\n'
+        f"const RATER = /{RATER_PATTERN}/;" + SCRIPT
+    )
     style = STYLE % {"px": image_px}
-    csp = (f"default-src 'none'; img-src data:; style-src {_sha256(style)}; script-src {_sha256(script)}; "
-           f"base-uri 'none'; form-action 'none'")
+    csp = (
+        f"default-src 'none'; img-src data:; style-src {_sha256(style)}; script-src {_sha256(script)}; "
+        f"base-uri 'none'; form-action 'none'"
+    )
     body = BODY % {"question": html.escape(question), "n": len(study.items)}
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp)}">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f'<meta name="referrer" content="no-referrer">\n'
-            f"<title>Image comparison</title>\n<style>{style}</style>\n</head>\n<body>\n{body}\n"
-            f'<script type="application/json" id="study-data">{script_json(data)}</script>\n'
-            f"<script>{script}</script>\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp)}">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta name="referrer" content="no-referrer">\n'
+        f"<title>Image comparison</title>\n<style>{style}</style>\n</head>\n<body>\n{body}\n"
+        f'<script type="application/json" id="study-data">{script_json(data)}</script>\n'
+        f"<script>{script}</script>\n</body>\n</html>\n"
+    )

@@ -14,9 +14,9 @@ CHOICES = ("left", "right", "tie")
 
 @dataclass(frozen=True)
 class SampleSet:
-    images: np.ndarray          # uint8 [N, C, H, W]
-    seeds: np.ndarray           # int64 [N]
-    prompts: list[str] | None   # text shown with each image (class name or prompt); None when unconditional
+    images: np.ndarray  # uint8 [N, C, H, W]
+    seeds: np.ndarray  # int64 [N]
+    prompts: list[str] | None  # text shown with each image (class name or prompt); None when unconditional
 
 
 def label_text(label: int, label_names) -> str:
@@ -48,12 +48,12 @@ def load_samples(path, label_names=()) -> SampleSet:
 @dataclass(frozen=True)
 class Item:
     id: str
-    kind: str                   # COMPARISON, IDENTICAL or BROKEN
+    kind: str  # COMPARISON, IDENTICAL or BROKEN
     seed: int
-    prompt: str                 # "" when unconditional
+    prompt: str  # "" when unconditional
     left_system: str
     right_system: str
-    left: np.ndarray            # uint8 [C, H, W]
+    left: np.ndarray  # uint8 [C, H, W]
     right: np.ndarray
 
     @property
@@ -71,13 +71,25 @@ class Study:
     study_id: str
     a: str
     b: str
-    items: list[Item]           # in the order participants see them
+    items: list[Item]  # in the order participants see them
 
     def key(self) -> dict:
         """The sealed key: which system is on which side of every item. Never handed to participants."""
-        return {"study": self.study_id, "systems": [self.a, self.b],
-                "items": [{"id": i.id, "kind": i.kind, "seed": i.seed, "left": i.left_system,
-                           "right": i.right_system, "expected": i.expected} for i in self.items]}
+        return {
+            "study": self.study_id,
+            "systems": [self.a, self.b],
+            "items": [
+                {
+                    "id": i.id,
+                    "kind": i.kind,
+                    "seed": i.seed,
+                    "left": i.left_system,
+                    "right": i.right_system,
+                    "expected": i.expected,
+                }
+                for i in self.items
+            ],
+        }
 
 
 def _aligned(a_set: SampleSet, b_set: SampleSet, a: str, b: str):
@@ -95,15 +107,17 @@ def _aligned(a_set: SampleSet, b_set: SampleSet, a: str, b: str):
     return pairs
 
 
-def build_study(a: str, a_set: SampleSet, b: str, b_set: SampleSet, items: int, attention_checks: int,
-                seed: int) -> Study:
+def build_study(
+    a: str, a_set: SampleSet, b: str, b_set: SampleSet, items: int, attention_checks: int, seed: int
+) -> Study:
     """`items` comparisons on seeds shared by both systems plus `attention_checks` checks (alternately a
     broken image against a real one, and one image against itself), shuffled; all draws from one seeded stream."""
     pairs = _aligned(a_set, b_set, a, b)
     needed = items + attention_checks
     if needed > len(pairs):
-        raise ValueError(f"{a} and {b} share {len(pairs)} seeds; {items} items + {attention_checks} attention "
-                         f"checks need {needed}")
+        raise ValueError(
+            f"{a} and {b} share {len(pairs)} seeds; {items} items + {attention_checks} attention checks need {needed}"
+        )
     # the pair's names enter the seed: two pairs of one study get independent sides and IDs
     rng = np.random.default_rng(np.random.SeedSequence([seed, *f"{a}\0{b}".encode()]))
     chosen = [pairs[k] for k in rng.choice(len(pairs), size=needed, replace=False)]

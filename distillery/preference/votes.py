@@ -28,12 +28,12 @@ SHOWN_ERRORS = 30
 
 @dataclass(frozen=True)
 class Vote:
-    source: str     # file
-    line: int       # line in that file where the vote's row (CSV) or task (JSON) starts
+    source: str  # file
+    line: int  # line in that file where the vote's row (CSV) or task (JSON) starts
     study: str
     item: str
-    rater: str      # prefixed with the tool ("page:", "labelstudio:", "mturk:"): IDs of two tools never merge
-    choice: str     # left, right or tie
+    rater: str  # prefixed with the tool ("page:", "labelstudio:", "mturk:"): IDs of two tools never merge
+    choice: str  # left, right or tie
 
 
 class VotesError(Exception):
@@ -41,8 +41,15 @@ class VotesError(Exception):
         self.problems = problems
         shown = problems[:SHOWN_ERRORS]
         more = [f"... and {len(problems) - SHOWN_ERRORS} more"] if len(problems) > SHOWN_ERRORS else []
-        super().__init__("\n".join([f"{len(problems)} problem(s) in the vote files; nothing was imported:",
-                                    *[f"  {p}" for p in shown], *more]))
+        super().__init__(
+            "\n".join(
+                [
+                    f"{len(problems)} problem(s) in the vote files; nothing was imported:",
+                    *[f"  {p}" for p in shown],
+                    *more,
+                ]
+            )
+        )
 
 
 class _Problems(list):
@@ -83,8 +90,9 @@ def _mturk_votes(path, text, problems):
         if not row["WorkerId"]:
             problems.add(path, line, "empty WorkerId")
             continue
-        yield Vote(str(path), line, row["Input.study"], row["Input.item"], f"mturk:{row['WorkerId']}",
-                   row["Answer.choice"])
+        yield Vote(
+            str(path), line, row["Input.study"], row["Input.item"], f"mturk:{row['WorkerId']}", row["Answer.choice"]
+        )
 
 
 def _json_elements(path, text, problems):
@@ -111,7 +119,7 @@ def _json_elements(path, text, problems):
         pos = _skip_space(text, end)
         if text.startswith(",", pos):
             pos = _skip_space(text, pos + 1)
-        elif text.startswith("]", pos) and not text[_skip_space(text, pos + 1):]:
+        elif text.startswith("]", pos) and not text[_skip_space(text, pos + 1) :]:
             return
         else:
             problems.add(path, line_of(pos), "not valid JSON: expected ',' or the closing ']' of the task list")
@@ -140,18 +148,34 @@ def _label_studio_votes(path, text, problems):
             user = annotation.get("completed_by")
             user = user.get("id") if isinstance(user, dict) else user
             results = annotation.get("result") if isinstance(annotation.get("result"), list) else []
-            picked = [r["value"].get("choices") for r in results
-                      if isinstance(r, dict) and r.get("from_name") == "choice" and r.get("type") == "choices"
-                      and isinstance(r.get("value"), dict)]
+            picked = [
+                r["value"].get("choices")
+                for r in results
+                if isinstance(r, dict)
+                and r.get("from_name") == "choice"
+                and r.get("type") == "choices"
+                and isinstance(r.get("value"), dict)
+            ]
             if isinstance(user, bool) or not isinstance(user, (int, str)) or user == "":
                 problems.add(path, line, f"{where}: no annotator in `completed_by`")
-            elif len(picked) != 1 or not isinstance(picked[0], list) or len(picked[0]) != 1 \
-                    or picked[0][0] not in LABEL_STUDIO_CHOICES:
-                problems.add(path, line, f"{where}: expected exactly one `choice` of {list(LABEL_STUDIO_CHOICES)}, "
-                                         f"got {picked}")
+            elif (
+                len(picked) != 1
+                or not isinstance(picked[0], list)
+                or len(picked[0]) != 1
+                or picked[0][0] not in LABEL_STUDIO_CHOICES
+            ):
+                problems.add(
+                    path, line, f"{where}: expected exactly one `choice` of {list(LABEL_STUDIO_CHOICES)}, got {picked}"
+                )
             else:
-                yield Vote(str(path), line, str(data.get("study", "")), str(data.get("item", "")),
-                           f"labelstudio:{user}", LABEL_STUDIO_CHOICES[picked[0][0]])
+                yield Vote(
+                    str(path),
+                    line,
+                    str(data.get("study", "")),
+                    str(data.get("item", "")),
+                    f"labelstudio:{user}",
+                    LABEL_STUDIO_CHOICES[picked[0][0]],
+                )
 
 
 def _parse(path: Path, problems: _Problems):
@@ -167,8 +191,12 @@ def _parse(path: Path, problems: _Problems):
         return list(_page_votes(path, text, problems))
     if set(MTURK_REQUIRED) <= set(header):
         return list(_mturk_votes(path, text, problems))
-    problems.add(path, 1, f"unrecognised CSV header {header}: expected the study page's {list(PAGE_CSV_HEADER)} "
-                          f"or MTurk batch results with {list(MTURK_REQUIRED)}")
+    problems.add(
+        path,
+        1,
+        f"unrecognised CSV header {header}: expected the study page's {list(PAGE_CSV_HEADER)} "
+        f"or MTurk batch results with {list(MTURK_REQUIRED)}",
+    )
     return []
 
 
@@ -189,8 +217,12 @@ def read_votes(paths, keys: dict[str, StudyKey]) -> list[Vote]:
                 problems.add(vote.source, vote.line, f"choice must be one of {list(CHOICES)}, got {vote.choice!r}")
             elif (vote.study, vote.rater, vote.item) in first_seen:
                 earlier = first_seen[vote.study, vote.rater, vote.item]
-                problems.add(vote.source, vote.line, f"duplicate vote of rater {vote.rater} on item {vote.item} "
-                                                     f"(first at {earlier.source}:{earlier.line})")
+                problems.add(
+                    vote.source,
+                    vote.line,
+                    f"duplicate vote of rater {vote.rater} on item {vote.item} "
+                    f"(first at {earlier.source}:{earlier.line})",
+                )
             else:
                 first_seen[vote.study, vote.rater, vote.item] = vote
                 votes.append(vote)
