@@ -105,7 +105,7 @@ def results_table(params):
 def lr_robustness_figure(params, path):
     """FID over training, one curve per method, one panel per learning rate (the SIM paper's layout)."""
     lrs = params.study.lrs
-    fig = Figure(figsize=(4.2 * len(lrs), 3.4))
+    fig = Figure(figsize=(4.2 * len(lrs) + 1.4, 3.4))
     axes = fig.subplots(1, len(lrs), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], lrs):
         for method in params.study.methods:
@@ -116,7 +116,7 @@ def lr_robustness_figure(params, path):
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"FID ({params.distill.monitor_samples} samples)")
-    axes[0][-1].legend()
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels: curves stay visible
     fig.suptitle(f"Learning-rate robustness — profile {params.profile}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
