@@ -4,9 +4,8 @@ import math
 import torch
 
 from distillery.methods.diff_instruct import DiffInstruct, same_dropout_pair, train_mode
-from distillery.training import distill
 
-from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm, tiny_run
+from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_distill, tiny_edm
 
 
 class FixedSamples(torch.nn.Module):
@@ -95,18 +94,8 @@ def test_non_finite_samples_are_dropped():
 
 def test_distill_runs_diff_instruct_on_a_tiny_edm_network():
     teacher = tiny_edm(dropout=0.5, perturb=0.1).eval().requires_grad_(False)
-    generator = copy.deepcopy(teacher).requires_grad_(True)
-    method = DiffInstruct()
-    losses = []
     torch.manual_seed(2)
-    distill(
-        method,
-        teacher,
-        generator,
-        method.make_aux(teacher),
-        tiny_run(),
-        on_progress=lambda nimg, logs: losses.append(logs),
-    )
+    generator, losses = tiny_distill(DiffInstruct(), teacher)
     assert len(losses) == 5
     assert all(math.isfinite(value) for logs in losses for value in logs.values())
     assert any(not torch.equal(p, q) for p, q in zip(generator.parameters(), teacher.parameters()))

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -6,9 +5,8 @@ import torch
 
 from distillery.methods.sid import sid_generator_loss, sid_loss_core, sid_sigmas
 from distillery.methods.sim import SIM, pseudo_huber_derivative, sim_generator_loss, sim_loss_core
-from distillery.training import distill
 
-from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_edm, tiny_run
+from toys import F64, AffineGenerator, MLPDenoiser, assert_step_moves_toward_teacher, gaussian, tiny_distill, tiny_edm
 
 
 def own_denoiser(generator):
@@ -179,17 +177,7 @@ def test_non_finite_samples_are_dropped(distance):
 
 def test_distill_runs_sim_on_a_tiny_edm_network():
     teacher = tiny_edm(dropout=0.5).eval().requires_grad_(False)
-    generator = copy.deepcopy(teacher).requires_grad_(True)
-    method = SIM()
-    losses = []
-    distill(
-        method,
-        teacher,
-        generator,
-        method.make_aux(teacher),
-        tiny_run(),
-        on_progress=lambda nimg, logs: losses.append(logs),
-    )
+    generator, losses = tiny_distill(SIM(), teacher)
     assert len(losses) == 5
     assert all(math.isfinite(value) for logs in losses for value in logs.values())
     moved = [not torch.equal(p, q) for p, q in zip(generator.parameters(), teacher.parameters())]

@@ -1,10 +1,12 @@
 """Tiny models shared by the tests: analytic toys for the method tests and small seeded EDM networks."""
 
+import copy
+
 import torch
 
 from distillery.analytic import GaussianMixture
 from distillery.networks import build_network, edm_config
-from distillery.training import DistillConfig
+from distillery.training import DistillConfig, distill
 
 F64 = torch.float64
 
@@ -113,3 +115,17 @@ def tiny_run(**settings):
             **settings,
         }
     )
+
+
+def tiny_distill(method, teacher, **settings):
+    """A tiny distillation run of `method` from `teacher` (tiny_run settings); returns (generator, losses per step)."""
+    generator, losses = copy.deepcopy(teacher).requires_grad_(True), []
+    distill(
+        method,
+        teacher,
+        generator,
+        method.make_aux(teacher),
+        tiny_run(**settings),
+        on_progress=lambda nimg, logs: losses.append(logs),
+    )
+    return generator, losses
