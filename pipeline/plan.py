@@ -119,25 +119,13 @@ def pin_text(spec):
 
 
 def network(params):
-    from distillery.networks import build_network, edm_config
+    """The teacher network the profile describes, built as the `teacher` stage builds it."""
+    from distillery.networks import build_network
 
-    n = params.teacher.network
-    label_dim = known_dataset(params)[1] if n.label_conditional else 0
+    from stages.teacher import teacher_config
+
     resolution, channels = params.data.shape()
-    config = edm_config(
-        n.arch,
-        resolution,
-        channels,
-        label_dim=label_dim,
-        model_channels=n.model_channels,
-        channel_mult=n.channel_mult,
-        channel_mult_emb=n.channel_mult_emb,
-        num_blocks=n.num_blocks,
-        attn_resolutions=n.attn_resolutions,
-        dropout=n.dropout,
-        augment_dim=n.augment_dim,
-    )
-    return build_network(config)
+    return build_network(teacher_config(params, resolution, channels, known_dataset(params)[1]))
 
 
 def seconds_per_image(method, teacher, micro_batch, device, steps=1):
