@@ -30,9 +30,12 @@ def image_set_metrics(
         "num_samples": len(images_uint8),
     }
     if len(reference_features):  # published reference statistics come without features: no KID then
+        # torch-fidelity refuses subsets larger than either set: small sets use all their samples
+        subset = min(kid_subset_size, len(images_uint8), len(reference_features))
         metrics["kid"], metrics["kid_std"] = kid(
-            feats[feature_net.fid_key], reference_features, subset_size=kid_subset_size, subsets=kid_subsets
+            feats[feature_net.fid_key], reference_features, subset_size=subset, subsets=kid_subsets
         )
+        metrics["kid_subset_size"] = subset
     if teacher_stats is not None:
         metrics["rel_fid"] = fid_from_statistics(stats, teacher_stats)
     return metrics, stats

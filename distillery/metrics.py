@@ -1,86 +1,22 @@
 """FID / IS / KID through torch-fidelity, with reference statistics stored in EDM's npz layout.
 
-Images enter as uint8 NCHW (the EDM PNG round trip). The feature network is any torch-fidelity
-feature extractor: `inception-v3-compat` for the real profiles, `distillery-digits` (a DigitsNet,
-registered at import of this module) for the `toy` profile.
+Images enter as uint8 NCHW (the EDM PNG round trip). The feature network is a `FeatureNet` of
+distillery/extractors.py: `inception-v3-compat` for the real profiles, `distillery-digits` for the toy.
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
-from distillery.features import load_digits_net
-
-DIGITS_EXTRACTOR = "distillery-digits"
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
 
 def to_uint8(x):
     """Float images in [-1, 1] -> uint8, truncating as EDM does when it writes PNGs."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-class DigitsFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity view of a saved DigitsNet: uint8 NCHW in, "features" and "logits_unbiased" out."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        vassert(
-            feature_extractor_weights_path is not None,
-            f"{name} needs feature_extractor_weights_path (a save_digits_net directory or its weights file)",
-        )
-        self.net = load_digits_net(feature_extractor_weights_path)
-
-    def forward(self, x):
-        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
-        # Inverse of to_uint8 up to truncation; this is how EDM feeds uint8 data to its networks.
-        features, logits = self.net(x.to(torch.float32) / 127.5 - 1)
-        outputs = dict(features=features, logits_unbiased=logits)
-        return tuple(outputs[name] for name in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits_unbiased"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits_unbiased", "fid": "features", "kid": "features", "prc": "features"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-
-# Re-imports (e.g. importlib.reload) must not trip torch-fidelity's duplicate-name check.
-if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
-
-
-@dataclass
-class FeatureNet:
-    """Which torch-fidelity extractor to use and which of its features feed FID/KID and IS.
-
-    Feature keys left as None take the extractor's own defaults ("2048"/"logits_unbiased" for Inception).
-    """
-
-    extractor: str = "inception-v3-compat"
-    weights_path: str | None = None
-    fid_key: str | None = None
-    isc_key: str | None = None
-
-    def __post_init__(self):
-        vassert(self.extractor in FEATURE_EXTRACTORS_REGISTRY, f'Feature extractor "{self.extractor}" not registered')
-        cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor]
-        self.fid_key = self.fid_key or cls.get_default_feature_layer_for_metric("fid")
-        self.isc_key = self.isc_key or cls.get_default_feature_layer_for_metric("isc")
 
 
 class UInt8Images(Dataset):
@@ -103,10 +39,7 @@ class UInt8Images(Dataset):
 def extract_features(images_uint8, feature_net, batch_size=256):
     """Run the feature network over uint8 images; returns {feature key: float32 array [N, D]}."""
     cuda = torch.cuda.is_available()
-    keys = list(dict.fromkeys([feature_net.fid_key, feature_net.isc_key]))
-    extractor = create_feature_extractor(
-        feature_net.extractor, keys, cuda=cuda, verbose=False, feature_extractor_weights_path=feature_net.weights_path
-    )
+    extractor = feature_net.module(dict.fromkeys([feature_net.fid_key, feature_net.isc_key]), cuda=cuda)
     # save_cpu_ram=True keeps the DataLoader in-process: worker processes only cost time on 2 CPU cores.
     features = get_featuresdict_from_dataset(
         UInt8Images(images_uint8.cpu()), extractor, batch_size, cuda=cuda, save_cpu_ram=not cuda, verbose=False

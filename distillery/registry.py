@@ -1,5 +1,5 @@
 """Every distillation method, registered once: its key in params.yaml, its display name, its settings
-(the one place their defaults live) and its class.
+(the one place their defaults live) and its class; and the names of the FID feature extractors.
 
 Torch-free, so that the params schema can read it without importing a network; the class is imported
 when a run builds the method. Equations and sources of each setting: docs/methods.md §3.
@@ -16,6 +16,17 @@ TMax = Annotated[float, Field(gt=0, le=1000)]
 
 # the projected discriminator's feature networks (distillery.discriminators.BACKBONES)
 BACKBONES = ("vgg16_bn", "efficientnet_b0", "tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
+
+# the FID/IS/KID feature networks (distillery.extractors): the toy's digits classifier, torch-fidelity's Inception
+DIGITS = "distillery-digits"
+INCEPTION = "inception-v3-compat"
+EXTRACTORS = (DIGITS, INCEPTION)
+# torch-fidelity's release file of the TF Inception-v3 weights; the name carries the first 8 hex digits of the
+# sha256 (torch.hub's convention)
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 class Settings(BaseModel):

@@ -54,12 +54,14 @@ def train_teacher(
     ema_rampup_ratio,
     P_mean=-1.2,
     P_std=1.2,
+    augment_pipe=None,
     checkpoint_path=None,
     checkpoint_kimg=0,
     fingerprint="",
     on_progress=None,
 ):
-    """EDM training (docs/methods.md §1.2) on an in-memory data set; returns the EMA network."""
+    """EDM training (docs/methods.md §1.2) on an in-memory data set, with EDM's augmentation when `augment_pipe`
+    is given (its labels train the net's augment map); returns the EMA network."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     nimg = 0
@@ -76,7 +78,14 @@ def train_teacher(
     net.train()
     while nimg < total:
         idx = torch.randint(len(images), (batch,))
-        loss = edm_loss(net, images[idx], labels[idx] if labels is not None else None, P_mean=P_mean, P_std=P_std)
+        loss = edm_loss(
+            net,
+            images[idx],
+            labels[idx] if labels is not None else None,
+            augment_pipe=augment_pipe,
+            P_mean=P_mean,
+            P_std=P_std,
+        )
         opt.zero_grad(set_to_none=True)
         loss.sum().mul(1 / batch).backward()
         for group in opt.param_groups:

@@ -25,7 +25,7 @@ from ruamel.yaml.error import YAMLError
 
 from pipeline.preference_params import PreferenceParams
 
-from distillery.registry import METHODS
+from distillery.registry import DIGITS, EXTRACTORS, INCEPTION, INCEPTION_SHA256, INCEPTION_URL, METHODS
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
@@ -83,6 +83,22 @@ class NetworkParams(Section):
     augment_dim: Annotated[int, Field(ge=0)] = 0
     label_conditional: bool = False
 
+    def check_shape(self, resolution):
+        """Refuse a network the image size cannot go through: each level after the first halves it."""
+        levels = [resolution >> i for i in range(len(self.channel_mult))]
+        if resolution % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(
+                f"teacher.network.channel_mult has {len(self.channel_mult)} levels: the resolution {resolution} "
+                f"must be divisible by 2^{len(self.channel_mult) - 1} (use at most "
+                f"{(resolution & -resolution).bit_length()} levels)"
+            )
+        stray = sorted(set(self.attn_resolutions) - set(levels))
+        if stray:
+            raise ValueError(
+                f"teacher.network.attn_resolutions {stray} match no level of this {resolution}×{resolution} network "
+                f"(levels {levels}): no attention would be built there"
+            )
+
 
 class TeacherParams(Section):
     source: Literal["train", "url"] = "train"  # url: an official EDM pickle, converted without running its code
@@ -97,11 +113,30 @@ class TeacherParams(Section):
     checkpoint_kimg: PosFloat = 20
     P_mean: float = -1.2
     P_std: PosFloat = 1.2
+    # EDM's non-leaking augmentation of the training images (train.py --augment; 0.12 on CIFAR-10): its 9 labels
+    # condition the network's augment map (network.augment_dim 9)
+    augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0
 
     @model_validator(mode="after")
     def download_given(self):
         if self.source == "url" and self.download is None:
             raise ValueError("teacher.download (url, sha256) is required when teacher.source is url")
+        return self
+
+    @model_validator(mode="after")
+    def augmentation_matches_network(self):
+        if self.source != "train":
+            return self
+        dim, p = self.network.augment_dim, self.augment_p
+        if dim not in (0, 9):
+            raise ValueError(f"teacher.network.augment_dim must be 0 or 9 (EDM's augment labels), got {dim}")
+        if dim and not p:
+            raise ValueError(
+                "teacher.network.augment_dim 9 with teacher.augment_p 0: the augment map would never train; "
+                "set teacher.augment_p (EDM: 0.12 on CIFAR-10) or augment_dim 0"
+            )
+        if p and not dim:
+            raise ValueError("teacher.augment_p > 0 needs teacher.network.augment_dim 9 (the augment labels)")
         return self
 
 
@@ -111,12 +146,33 @@ class FeaturesParams(Section):
     lr: PosFloat = 2e-3
 
 
+class FeatureWeights(Section):
+    """The Inception weights file, pinned: downloaded from `url` or read from a local `path` (a copy of the
+    download, for machines offline), either way checked against `sha256` before it is read."""
+
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+    path: str | None = None
+    sha256: Sha256
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.url is None) == (self.path is None):
+            raise ValueError("give exactly one of url or path")
+        if self.path is not None and not Path(self.path).is_file():
+            raise ValueError(f"path {self.path!r}: no such file (relative paths are from the repository root)")
+        return self
+
+
+# torch-fidelity's release of the TF Inception-v3 weights, pinned (distillery/extractors.py)
+INCEPTION_WEIGHTS = FeatureWeights(url=INCEPTION_URL, sha256=INCEPTION_SHA256)
+
+
 class EvaluationParams(Section):
-    # FID features: the toy digits classifier, or torch-fidelity's Inception port (weights fetched by
-    # torch-fidelity, or read from `feature_weights`); the reference is the data set's own statistics
-    # or a published EDM npz (`reference_download`)
-    feature_extractor: Literal["distillery-digits", "inception-v3-compat"] = "distillery-digits"
-    feature_weights: str | None = None
+    # FID features: the toy digits classifier (sklearn-digits only), or torch-fidelity's Inception port with
+    # pinned weights (`feature_weights`; unset: torch-fidelity's release file); the reference is the data set's
+    # own statistics or a published EDM npz of Inception statistics (`reference_download`)
+    feature_extractor: Literal[EXTRACTORS] = DIGITS
+    feature_weights: FeatureWeights | None = None
     reference: Literal["data", "edm-npz"] = "data"
     reference_download: Download | None = None
     num_samples: PosInt = 2000
@@ -134,7 +190,15 @@ class EvaluationParams(Section):
     def reference_download_given(self):
         if self.reference == "edm-npz" and self.reference_download is None:
             raise ValueError("evaluation.reference_download is required when evaluation.reference is edm-npz")
+        if self.reference == "edm-npz" and self.feature_extractor != INCEPTION:
+            raise ValueError(f"evaluation.reference edm-npz holds Inception statistics: it needs {INCEPTION} features")
+        if self.feature_extractor == DIGITS and self.feature_weights is not None:
+            raise ValueError(f"evaluation.feature_weights is for {INCEPTION}; {DIGITS} is trained by the pipeline")
         return self
+
+    def weights(self):
+        """The pinned Inception weights: `feature_weights`, or torch-fidelity's release file."""
+        return self.feature_weights or INCEPTION_WEIGHTS
 
 
 def positive_number(value):
@@ -240,6 +304,27 @@ class Params(MethodSections):
     distill: DistillParams = DistillParams()
     report: ReportParams = ReportParams()
     preference: PreferenceParams = PreferenceParams()
+
+    @model_validator(mode="after")
+    def network_fits_images(self):
+        self.teacher.network.check_shape(self.data.shape()[0])
+        return self
+
+    @model_validator(mode="after")
+    def extractor_fits_data(self):
+        e = self.evaluation
+        if e.feature_extractor == DIGITS and self.data.source != "sklearn-digits":
+            raise ValueError(
+                f"evaluation.feature_extractor {DIGITS} is a classifier of scikit-learn's digits and measures "
+                f"nothing on {self.data.source} images; choose {INCEPTION} (choices: {', '.join(EXTRACTORS)})"
+            )
+        channels = self.data.shape()[1]
+        if e.feature_extractor == INCEPTION and channels != 3:
+            raise ValueError(
+                f"evaluation.feature_extractor {INCEPTION} needs RGB images, and {self.data.source} has "
+                f"{channels} channel"
+            )
+        return self
 
     @model_validator(mode="after")
     def augmentation_has_labels(self):

@@ -65,13 +65,13 @@ def downloads(params):
     if params.teacher.source == "url":
         rows.append(("EDM teacher", params.teacher.download.url, None, pin_text(params.teacher.download)))
     e = params.evaluation
-    if e.feature_extractor == "inception-v3-compat" and not e.feature_weights:
+    if e.feature_extractor == "inception-v3-compat" and e.weights().url:
         rows.append(
             (
-                "Inception weights (torch-fidelity)",
-                "fetched by torch-fidelity on first use",
+                "Inception-v3 weights (torch-fidelity's release)",
+                e.weights().url,
                 KNOWN_SIZES_MB["inception-v3-compat"],
-                "torch-fidelity's",
+                pin_text(e.weights()),
             )
         )
     if e.reference == "edm-npz":

@@ -9,11 +9,12 @@ from PIL import Image
 from pipeline.io import atomic_path
 
 from distillery.evaluation import aggregate_fids, fid_only, image_set_metrics
-from distillery.metrics import FeatureNet, load_stats_npz
+from distillery.extractors import FeatureNet
+from distillery.metrics import load_stats_npz
 from distillery.sampling import generate, image_grid
 
 from stages.paths import FEATURES_DIR, REFERENCE_FEATURES, REFERENCE_STATS
-from stages.skeleton import InvalidInput
+from stages.skeleton import InvalidInput, StageFailed
 
 # the arguments of the stages of one study run (distill@<method>-<lr>, evaluate@<method>-<lr>)
 RUN_ARGUMENTS = {
@@ -40,13 +41,10 @@ def study_run_tags(params, args):
     }
 
 
-def feature_net(params):
-    """The FID/IS/KID feature network of the profile: the toy digits classifier (trained by the
-    `features` stage) or torch-fidelity's Inception port."""
-    e = params.evaluation
-    if e.feature_extractor == "distillery-digits":
-        return FeatureNet(extractor="distillery-digits", weights_path=FEATURES_DIR)
-    return FeatureNet(extractor=e.feature_extractor, weights_path=e.feature_weights)
+def feature_net():
+    """The FID/IS/KID feature network the `features` stage made (its identity is in the DVC-tracked directory,
+    never read from params, so that no stage measures with another extractor than the one DVC recorded)."""
+    return FeatureNet.load(FEATURES_DIR)
 
 
 def seed_blocks(params):
@@ -58,8 +56,8 @@ def seed_blocks(params):
 def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
     """Metrics of a sampler under the profile's protocol: FID aggregated over the seed blocks; IS, KID, rel-FID
     and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics)."""
-    e, features = params.evaluation, feature_net(params)
-    ref_stats, ref_features = reference()
+    e, features = params.evaluation, feature_net()
+    ref_stats, ref_features = reference(features)
     fids, first = [], None
     for seeds in seed_blocks(params):
         samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
@@ -90,17 +88,9 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
 def protocol(params, feature, reference_path=REFERENCE_STATS):
     """What an FID number depends on; the report refuses to put FIDs of different protocols in one column."""
     e = params.evaluation
-    weights = feature.weights_path
-    files = (
-        sorted(Path(weights).rglob("*")) if weights and Path(weights).is_dir() else [Path(weights)] if weights else []
-    )
-    h = hashlib.sha256()
-    for f in files:
-        if f.is_file():
-            h.update(f.read_bytes())
     return {
         "extractor": feature.extractor,
-        "weights_sha256": h.hexdigest() if files else "torch-fidelity default",
+        "weights_sha256": feature.weights_sha256,
         "num_samples": e.num_samples,
         "seeds": f"0-{e.num_samples * e.fid_trials - 1}",
         "trials": e.fid_trials,
@@ -109,10 +99,17 @@ def protocol(params, feature, reference_path=REFERENCE_STATS):
     }
 
 
-def reference():
-    """(FID statistics, features) of the real data."""
+def reference(features):
+    """(FID statistics, features) of the real data, refused unless they come from the extractor `features`."""
+    stats = load_stats_npz(REFERENCE_STATS)
+    dim = len(stats["mu"])
+    if dim != features.feature_dim:
+        raise StageFailed(
+            f"{REFERENCE_STATS} holds {dim}-d features, but {features.extractor} gives {features.feature_dim}-d: "
+            f"the reference statistics are not of this extractor (rerun `dvc repro`)"
+        )
     with np.load(REFERENCE_FEATURES, allow_pickle=False) as f:
-        return load_stats_npz(REFERENCE_STATS), f["features"]
+        return stats, f["features"]
 
 
 def save_samples(path, images_uint8, seeds, labels=None):

@@ -53,8 +53,8 @@ def training_data(method, label_dim):
 
 def fid_monitor(params, method, teacher, dev):
     """Small-sample FID of the EMA generator against the data, from fixed seeds (lower is better)."""
-    ref_stats, _ = reference()
-    features = feature_net(params)
+    features = feature_net()
+    ref_stats, _ = reference(features)
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     seeds = list(range(params.distill.monitor_samples))
 
@@ -78,6 +78,7 @@ class Outcome(NamedTuple):
     lr_text: str
     lr: float
     sigma_init: float
+    augment_p: float  # EDM's augmentation in the method's loss (0: none)
     config: DistillConfig
     monitor_samples: int
     result: object  # distillery.training.DistillResult
@@ -94,6 +95,7 @@ def write_outputs(o):
         "batch": o.config.batch,
         "best_kimg": o.result.best["kimg"],
         "best_monitor_fid": o.result.best["value"],
+        "augment_p": o.augment_p,
     }
     with atomic_path(run_dir(o.name), is_dir=True) as tmp:
         save_network(tmp, o.result.ema, o.network_config, name="last", meta=meta)
@@ -180,6 +182,7 @@ def run(params, args, run):
                     args.lr,
                     lr,
                     method.sigma_init,
+                    settings.get("augment_p", 0.0),
                     config,
                     params.distill.monitor_samples,
                     result,

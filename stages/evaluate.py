@@ -59,7 +59,7 @@ def run(params, args, run):
         "fid_last": results["last"]["fid"],
         "fid_last_std": results["last"]["fid_std"],
         "rel_fid_last": results["last"]["rel_fid"],
-        "protocol": protocol(params, feature_net(params)),
+        "protocol": protocol(params, feature_net()),
     }
     write_json(eval_metrics(name), summary)
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -1,31 +1,33 @@
-"""Stage `features` (toy profile): the digits classifier that torch-fidelity uses as FID/IS/KID extractor.
+"""Stage `features`: the FID/IS/KID feature network every later stage reads (models/features): the toy's digits
+classifier trained on the digits, or torch-fidelity's Inception-v3 from its pinned weights file.
 
-It is an evaluation network only: no training loss anywhere reads it.
+It is an evaluation network only: no training loss anywhere reads it. Its identity (extractor name and weights
+sha256) is in models/features/extractor.json, so a new extractor reruns exactly the stages that compute features.
 """
+
+import urllib.error
 
 import torch
 
 from pipeline.io import atomic_path, write_json
+from pipeline.pins import fetch, file_sha256
 from pipeline.runtime import seed_everything
 
 from distillery.data import load_dataset
-from distillery.features import save_digits_net, train_digits_classifier
+from distillery.download import ChecksumMismatch
+from distillery.extractors import import_inception_weights, write_info
+from distillery.features import WEIGHTS_FILE, save_digits_net, train_digits_classifier
+from distillery.registry import DIGITS, INCEPTION
 
 from stages.paths import DATASET, FEATURES_DIR, metrics
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
-def run(params, args, run):
-    if params.evaluation.feature_extractor != "distillery-digits":
-        # a published extractor (Inception): nothing to train, the output names it for the DAG
-        with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
-            write_json(
-                tmp / "extractor.json",
-                {"extractor": params.evaluation.feature_extractor, "weights": params.evaluation.feature_weights},
-            )
-        return
+def digits_classifier(params, run):
     f = params.features
-    images, labels, _ = load_dataset(DATASET)
+    images, labels, num_classes = load_dataset(DATASET)
+    if num_classes < 2:
+        raise StageFailed(f"{DATASET} has {num_classes} class: a classifier of it would measure nothing")
     seed_everything(params.seed)
     net, info = train_digits_classifier(
         torch.from_numpy(images),
@@ -37,8 +39,49 @@ def run(params, args, run):
     )
     with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
         save_digits_net(net, tmp)
-    write_json(metrics("features"), info)
+        identity = write_info(tmp, DIGITS, file_sha256(tmp / WEIGHTS_FILE), feature_dim=64)
+    write_json(metrics("features"), {**identity, **info})
     run.log_metrics(info)
+
+
+def inception_weights(spec):
+    """The local path of the pinned weights file: downloaded (`url`) or given (`path`), checked against the pin."""
+    if spec.path is not None:
+        if file_sha256(spec.path) != spec.sha256:
+            raise StageFailed(
+                f"{spec.path} has sha256 {file_sha256(spec.path)}, but evaluation.feature_weights.sha256 pins "
+                f"{spec.sha256}"
+            )
+        return spec.path
+    try:
+        return fetch(spec)[0]
+    except (urllib.error.URLError, OSError, ChecksumMismatch) as e:
+        raise StageFailed(
+            f"cannot fetch the Inception weights {spec.url} (sha256 {spec.sha256}): {e}\n"
+            f"Without internet access, copy that file onto this machine and set\n"
+            f"  evaluation.feature_weights: {{path: <the file>, sha256: {spec.sha256}}}\n"
+            f"in params.yaml."
+        ) from None
+
+
+def inception(params, run):
+    spec = params.evaluation.weights()
+    path = inception_weights(spec)
+    with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
+        try:
+            import_inception_weights(path, tmp)
+        except ValueError as e:
+            raise StageFailed(str(e)) from None
+        identity = write_info(tmp, INCEPTION, spec.sha256, source=spec.url or spec.path, feature_dim=2048)
+    write_json(metrics("features"), identity)
+    run.log_metrics({"feature_dim": 2048})
+
+
+def run(params, args, run):
+    if params.evaluation.feature_extractor == DIGITS:
+        digits_classifier(params, run)
+    else:
+        inception(params, run)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def import_edm_npz(params, run):
 
 def from_data(params, run):
     images, _, _ = load_dataset(DATASET)
-    net = feature_net(params)
+    net = feature_net()
     # the real images take the same uint8 round trip as generated ones
     feats = extract_features(to_uint8(torch.from_numpy(images)), net, batch_size=params.evaluation.batch)
     with atomic_path(REFERENCE_STATS) as tmp:

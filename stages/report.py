@@ -173,7 +173,48 @@ def fid_protocol_text(protocol):
     return f"{trials} trials of {n} samples (seeds {blocks}), reported as {how}"
 
 
-def markdown(table, params, teacher, n_real, protocol):
+def kid_text(params, teacher):
+    e = params.evaluation
+    used = teacher.get("kid_subset_size")
+    if used is None:
+        return "no KID (the published reference statistics carry no features)"
+    cut = (
+        f", cut from evaluation.kid_subset_size {e.kid_subset_size} to the set sizes"
+        if used < e.kid_subset_size
+        else ""
+    )
+    return f"KID over {e.kid_subsets} subsets of {used} images{cut}"
+
+
+def conditioning_text(teacher_samples):
+    classes = teacher_samples["label_dim"]
+    if not classes:
+        return "Conditioning: unconditional teacher and students."
+    return (
+        f"Conditioning: class-conditional teacher and students ({classes} classes); every image of the evaluation "
+        f"is sampled with a class drawn uniformly from its seed, and the students train on the data set's labels."
+    )
+
+
+def augmentation_text(params, teacher_stage):
+    """EDM's augmentation as each model was trained with it (the teacher's metrics, each run's metrics)."""
+    if "augment_p" in teacher_stage:
+        p = teacher_stage["augment_p"]
+        parts = [f"teacher (trained here): {f'p = {p:g}' if p else 'none'}"]
+    else:
+        parts = ["teacher: as its official checkpoint was trained"]
+    for method, _, name in params.runs():
+        p = read_json(distill_metrics(name)).get("augment_p", 0.0)
+        parts.append(
+            f"{METHODS[method].display}, lr {name.removeprefix(method + '-')}: {f'p = {p:g}' if p else 'none'}"
+        )
+    return (
+        "Augmentation (EDM's non-leaking geometric pipeline with probability p, its labels conditioning the "
+        "network's augment map; in the fake score's loss for the score methods): " + "; ".join(parts) + "."
+    )
+
+
+def markdown(table, params, teacher, n_real, protocol, teacher_stage):
     e, d = params.evaluation, params.distill
     against = f"{n_real} real images" if n_real else "the published reference statistics"
     runs = [name for _, _, name in params.runs()]
@@ -191,8 +232,12 @@ def markdown(table, params, teacher, n_real, protocol):
                 if protocol["extractor"] == "distillery-digits"
                 else ""
             )
-            + f"; IS over {e.is_splits} splits; KID with subsets of {e.kid_subset_size}. rel-FID: FID against the "
+            + f"; IS over {e.is_splits} splits; {kid_text(params, teacher)}. rel-FID: FID against the "
             f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
+            "",
+            f"- {conditioning_text(teacher)}",
+            f"- {augmentation_text(params, teacher_stage)}",
+            "",
             f"Students: every run distils at the batch and for the kimg of its row. The EMA generator with the "
             f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
             f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
@@ -223,7 +268,7 @@ def run(params, args, run):
     n_real = read_json(metrics("reference_stats"))["num_images"]
     lr_robustness_figure(params, LR_FIGURE)
     write_text(RESULTS_CSV, table.to_csv(index=False))
-    write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol))
+    write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol, read_json(metrics("teacher"))))
     run.log_artifact(RESULTS_MD)
     run.log_artifact(RESULTS_CSV)
     run.log_artifact(LR_FIGURE)

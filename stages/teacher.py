@@ -9,6 +9,7 @@ from pipeline.io import atomic_path, write_json
 from pipeline.pins import fetch
 from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
 
+from distillery.augment import AugmentPipe
 from distillery.checkpoint import save_network
 from distillery.data import load_dataset
 from distillery.edm_pickle import convert_edm_pickle
@@ -46,6 +47,7 @@ def convert_official(params, run):
         "source": spec.url,
         "sha256": digest,
         "architecture": config["model_type"],
+        "label_dim": config["label_dim"],
         "parameters": sum(p.numel() for p in build_network(config).parameters()),
     }
     write_json(metrics("teacher"), info)
@@ -86,6 +88,7 @@ def train(params, run):
         ema_rampup_ratio=t.ema_rampup_ratio,
         P_mean=t.P_mean,
         P_std=t.P_std,
+        augment_pipe=AugmentPipe.edm(t.augment_p) if t.augment_p > 0 else None,
         checkpoint_path=checkpoint,
         checkpoint_kimg=t.checkpoint_kimg,
         fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
@@ -96,6 +99,8 @@ def train(params, run):
         save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
     info = {
         "kimg": t.duration_kimg,
+        "augment_p": t.augment_p,
+        "label_dim": config["label_dim"],
         "parameters": sum(p.numel() for p in ema.parameters()),
         "train_seconds": round(time.perf_counter() - start, 1),
     }

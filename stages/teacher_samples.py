@@ -28,7 +28,8 @@ def run(params, args, run):
         seeds=f"0-{len(seeds) - 1}",
         batch=e.batch,
         device=dev.type,
-        protocol=protocol(params, feature_net(params)),
+        label_dim=teacher.label_dim,
+        protocol=protocol(params, feature_net()),
     )
     save_samples(TEACHER_SAMPLES, samples.images, seeds, samples.labels)
     with atomic_path(TEACHER_STATS) as tmp:

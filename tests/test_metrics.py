@@ -10,11 +10,10 @@ import torch
 import torch_fidelity
 from sklearn.datasets import load_digits
 
-import distillery.metrics
+import distillery.extractors
+from distillery.extractors import DIGITS, INCEPTION, FeatureNet, write_info
 from distillery.features import CONFIG_FILE, WEIGHTS_FILE, load_digits_net, save_digits_net, train_digits_classifier
 from distillery.metrics import (
-    DIGITS_EXTRACTOR,
-    FeatureNet,
     UInt8Images,
     extract_features,
     fid_from_statistics,
@@ -44,7 +43,8 @@ def classifier(digits, tmp_path_factory):
     net, metrics = train_digits_classifier(digits["reference"], digits["reference_labels"], seed=0)
     directory = str(tmp_path_factory.mktemp("digits_net"))
     save_digits_net(net, directory)
-    return dict(net=net, metrics=metrics, directory=directory, feature_net=FeatureNet(DIGITS_EXTRACTOR, directory))
+    write_info(directory, DIGITS, "digits-weights-sha256", feature_dim=64)
+    return dict(net=net, metrics=metrics, directory=directory, feature_net=FeatureNet.load(directory))
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +65,26 @@ def test_to_uint8_truncates_like_edm():
     assert to_uint8(x).dtype == torch.uint8
 
 
-def test_feature_net_defaults_come_from_the_extractor():
-    digits_net = FeatureNet(DIGITS_EXTRACTOR, "unused")
+def test_feature_net_defaults_come_from_the_extractor(classifier):
+    digits_net = classifier["feature_net"]
+    assert (digits_net.extractor, digits_net.weights_sha256, digits_net.feature_dim) == (
+        DIGITS,
+        "digits-weights-sha256",
+        64,
+    )
     assert (digits_net.fid_key, digits_net.isc_key) == ("features", "logits_unbiased")
-    inception = FeatureNet()
-    assert inception.extractor == "inception-v3-compat"
+    inception = FeatureNet(INCEPTION, "unused", "unused", 2048)
     assert (inception.fid_key, inception.isc_key) == ("2048", "logits_unbiased")
 
 
 def test_registration_survives_reimport(image_sets, features, classifier):
     # `features` were computed through torch-fidelity's registry before the reload
-    reloaded = importlib.reload(distillery.metrics)  # must not trip torch-fidelity's duplicate-name check
-    registered = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR]
+    reloaded = importlib.reload(distillery.extractors)  # must not trip torch-fidelity's duplicate-name check
+    registered = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[DIGITS]
     assert issubclass(registered, torch_fidelity.FeatureExtractorBase)
-    assert (registered.__module__, registered.__qualname__) == ("distillery.metrics", "DigitsFeatureExtractor")
-    # the name still gives a working DigitsNet extractor: torch-fidelity computes the same features with it
-    feature_net = reloaded.FeatureNet(DIGITS_EXTRACTOR, classifier["directory"])
-    again = reloaded.extract_features(image_sets["heldout"], feature_net)
+    assert (registered.__module__, registered.__qualname__) == ("distillery.extractors", "DigitsFeatureExtractor")
+    # a reloaded FeatureNet still gives a working DigitsNet extractor with the same features
+    again = extract_features(image_sets["heldout"], reloaded.FeatureNet.load(classifier["directory"]))
     assert again.keys() == features["heldout"].keys() == {"features", "logits_unbiased"}
     for key, value in features["heldout"].items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
@@ -124,7 +127,7 @@ def test_metrics_match_torch_fidelity(image_sets, features, classifier):
         kid=True,
         kid_subsets=20,
         kid_subset_size=len(image_sets["heldout"]),
-        feature_extractor=DIGITS_EXTRACTOR,
+        feature_extractor=DIGITS,
         feature_extractor_weights_path=os.path.join(classifier["directory"], WEIGHTS_FILE),
         cuda=False,
         save_cpu_ram=True,

@@ -49,6 +49,63 @@ def test_shipped_params_are_valid_and_list_the_study():
             "sid.augment_p > 0 needs a teacher with EDM's augment",
         ),
         (lambda p: p["evaluation"].update(fid_aggregate="median"), "evaluation.fid_aggregate", "'min' or 'mean'"),
+        # a feature net that measures nothing on the data, or weights that are not there or not pinned
+        (
+            lambda p: (p.update(data={"source": "cifar10"}), p["teacher"]["network"].update(attn_resolutions=[16])),
+            "(top level)",
+            "evaluation.feature_extractor distillery-digits is a classifier of scikit-learn's digits and measures "
+            "nothing on cifar10 images; choose inception-v3-compat (choices: distillery-digits, inception-v3-compat)",
+        ),
+        (
+            lambda p: p["evaluation"].update(feature_extractor="inception-v3-compat"),
+            "(top level)",
+            "inception-v3-compat needs RGB images, and sklearn-digits has 1 channel",
+        ),
+        (
+            lambda p: (
+                p.update(data={"source": "cifar10"}),
+                p["teacher"]["network"].update(attn_resolutions=[16]),
+                p["evaluation"].update(
+                    feature_extractor="inception-v3-compat", feature_weights={"path": "no/such.pth", "sha256": "0" * 64}
+                ),
+            ),
+            "evaluation.feature_weights",
+            "path 'no/such.pth': no such file",
+        ),
+        (
+            lambda p: p["evaluation"].update(feature_weights={"url": "https://example.org/inception.pth"}),
+            "evaluation.feature_weights.sha256",
+            "Field required",
+        ),
+        (
+            lambda p: p["evaluation"].update(feature_weights={"path": "params.yaml", "sha256": "0" * 64}),
+            "evaluation",
+            "evaluation.feature_weights is for inception-v3-compat",
+        ),
+        (
+            lambda p: p["evaluation"].update(reference="edm-npz", reference_download={"url": "https://e.org/r.npz"}),
+            "evaluation",
+            "evaluation.reference edm-npz holds Inception statistics",
+        ),
+        # a network the images cannot go through, or attention at no level of it
+        (
+            lambda p: p["teacher"]["network"].update(channel_mult=[1, 2, 2, 2, 2]),
+            "(top level)",
+            "teacher.network.channel_mult has 5 levels: the resolution 8 must be divisible by 2^4 (use at most 4",
+        ),
+        (
+            lambda p: p["teacher"]["network"].update(attn_resolutions=[16]),
+            "(top level)",
+            "teacher.network.attn_resolutions [16] match no level of this 8×8 network (levels [8, 4])",
+        ),
+        # a teacher trained here: augmentation and augment map go together
+        (
+            lambda p: p["teacher"]["network"].update(augment_dim=9),
+            "teacher",
+            "augment_dim 9 with teacher.augment_p 0: the augment map would never train",
+        ),
+        (lambda p: p["teacher"].update(augment_p=0.12), "teacher", "needs teacher.network.augment_dim 9"),
+        (lambda p: p["teacher"]["network"].update(augment_dim=4), "teacher", "must be 0 or 9"),
     ],
 )
 def test_bad_value_is_refused_naming_the_key(edit, key, words):
@@ -95,3 +152,25 @@ def test_per_method_settings_override_only_their_own_keys_and_method():
     # the toy's GDD runs use GDD's Adam betas (docs/methods.md §3.3), the score methods the common ones
     toy_d = load_params(ROOT / "params.yaml").distill
     assert toy_d.for_method("gdd").adam_betas == (0.0, 0.99) and toy_d.for_method("sid").adam_betas == (0.0, 0.999)
+
+
+def dvc_params_keys(profile):
+    """Every params key the stages of dvc.yaml read, for `profile`'s study (DVC needs each one in params.yaml)."""
+    keys = set()
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("do", stage).get("params", []):
+            names = entry if isinstance(entry, dict) else [entry]
+            for name in names:
+                methods = profile["study"]["methods"] if "${item.method}" in name else [None]
+                keys.update(name.replace("${item.method}", m) if m else name for m in methods)
+    return keys
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "profiles").glob("*.yaml"), ROOT / "params.yaml"]), ids=str)
+def test_every_profile_holds_every_params_key_dvc_reads(path):
+    profile = yaml.safe_load(path.read_text())
+    for key in dvc_params_keys(profile):
+        node = profile
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{path.name}: {key} is missing (dvc repro needs it)"
+            node = node[part]

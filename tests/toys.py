@@ -1,8 +1,10 @@
 """Tiny models shared by the tests: analytic toys for the method tests and small seeded EDM networks."""
 
 import copy
+from unittest import mock
 
 import torch
+from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
 from distillery.analytic import GaussianMixture
 from distillery.networks import build_network, edm_config
@@ -129,3 +131,19 @@ def tiny_distill(method, teacher, **settings):
         on_progress=lambda nimg, logs: losses.append(logs),
     )
     return generator, losses
+
+
+def write_random_inception(path, seed=0):
+    """A weights file in torch-fidelity's Inception-v3 format (a torch.save'd state dict) with random weights. It
+    exercises the Inception plumbing offline; the features it gives measure nothing about images."""
+    torch.manual_seed(seed)
+    with (
+        mock.patch.object(tf_inception, "load_state_dict_from_url"),
+        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)  # He init keeps the activations' scale through the 94 convolutions
+    torch.save(net.state_dict(), path)
+    return path
