@@ -43,7 +43,12 @@ def test_a_failure_while_running_exits_1_and_marks_its_mlflow_run_failed(tmp_pat
     data = tmp_path / "set.zip"
     shutil.copy(ROOT / "tests" / "data" / "edm_checkpoint_keys.txt", data)  # any file: its hash is not the pin
     result = stage(
-        tmp_path, "data", params={"data": {"source": "edm-zip", "path": str(data), "resolution": 8, "sha256": "0" * 64}}
+        tmp_path,
+        "data",
+        params={
+            "data": {"source": "edm-zip", "path": str(data), "resolution": 8, "sha256": "0" * 64},
+            "evaluation": {"feature_extractor": "inception-v3-compat"},
+        },
     )
     assert result.returncode == 1
     assert "data: " in result.stderr and "but data.sha256 pins" in result.stderr and "Traceback" not in result.stderr
