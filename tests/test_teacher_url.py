@@ -107,7 +107,7 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+        params = yaml.safe_load((ROOT / "profiles" / "cifar10-uncond.yaml").read_text())  # Inception statistics
         params["evaluation"].update(
             reference="edm-npz", reference_download={"url": url, "sha256": hashlib.sha256(httpd.payload).hexdigest()}
         )
