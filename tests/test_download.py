@@ -8,6 +8,7 @@ import random
 import re
 import threading
 import urllib.error
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -51,18 +52,28 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
+@contextmanager
+def serving(payload):
+    """A ThreadingHTTPServer on 127.0.0.1 handing out `payload` at `.url` (Range requests honoured), stopped
+    whatever happens."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = PAYLOAD, [], [], True
+    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = payload, [], [], True
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def server():
+    with serving(PAYLOAD) as httpd:
+        yield httpd
 
 
 def test_interrupted_download_resumes_from_the_part_file_with_a_range_request(server, tmp_path):

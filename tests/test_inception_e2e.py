@@ -12,9 +12,7 @@ import hashlib
 import io
 import json
 import re
-import threading
 import zipfile
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ import yaml
 from PIL import Image
 from ruamel.yaml import YAML
 from sklearn.datasets import load_sample_images
-from test_download import Handler
+from test_download import serving
 from test_edm_pickle import write_official_pickle
 
 from conftest import ROOT, new_project, sh
@@ -61,23 +59,8 @@ def teacher_server(tmp_path):
     net = seeded_network(config, perturb=0.05).eval()
     init_kwargs = {k: v for k, v in config.items() if k != "model_type"} | dict(use_fp16=False, model_type="SongUNet")
     write_official_pickle(tmp_path / "teacher.pkl", net, init_kwargs, "raise RuntimeError('never run')\n")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = (
-        (tmp_path / "teacher.pkl").read_bytes(),
-        [],
-        [],
-        True,
-    )
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving((tmp_path / "teacher.pkl").read_bytes()) as httpd:
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 def ran_stages(stdout):

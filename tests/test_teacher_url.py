@@ -5,13 +5,11 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 import yaml
-from test_download import Handler
+from test_download import serving
 from test_edm_pickle import write_official_pickle
 
 from distillery.checkpoint import load_network
@@ -30,21 +28,8 @@ def served(tmp_path):
     kwargs = {k: v for k, v in CONFIG.items() if k not in ("img_resolution", "img_channels", "label_dim", "model_type")}
     init_kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, use_fp16=False, model_type="SongUNet", **kwargs)
     write_official_pickle(tmp_path / "teacher.pkl", net, init_kwargs, src)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = (
-        (tmp_path / "teacher.pkl").read_bytes(),
-        [],
-        [],
-        True,
-    )
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd, net, marker
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with serving((tmp_path / "teacher.pkl").read_bytes()) as httpd:
+        yield httpd, net, marker
 
 
 def run_teacher_stage(project):
@@ -100,16 +85,11 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
     mu, sigma = rng.normal(size=16), a.T @ a / 64
     buffer = io.BytesIO()
     np.savez(buffer, mu=mu, sigma=sigma)  # EDM's fid-refs layout
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.payload, httpd.requests, httpd.cuts, httpd.honour_range = buffer.getvalue(), [], [], True
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/teacher.pkl"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(buffer.getvalue()) as httpd:
         params = yaml.safe_load((ROOT / "profiles" / "cifar10-uncond.yaml").read_text())  # Inception statistics
         params["evaluation"].update(
-            reference="edm-npz", reference_download={"url": url, "sha256": hashlib.sha256(httpd.payload).hexdigest()}
+            reference="edm-npz",
+            reference_download={"url": httpd.url, "sha256": hashlib.sha256(httpd.payload).hexdigest()},
         )
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         result = subprocess.run(
@@ -119,10 +99,6 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
             text=True,
             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
         )
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
     assert result.returncode == 0, result.stderr
     stats = load_stats_npz(tmp_path / "stats" / "reference.npz")
     assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
