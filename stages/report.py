@@ -198,19 +198,23 @@ def conditioning_text(teacher_samples):
 
 def augmentation_text(params, teacher_stage):
     """EDM's augmentation as each model was trained with it (the teacher's metrics, each run's metrics)."""
+    teacher = "as its official checkpoint was trained"
     if "augment_p" in teacher_stage:
-        p = teacher_stage["augment_p"]
-        parts = [f"teacher (trained here): {f'p = {p:g}' if p else 'none'}"]
-    else:
-        parts = ["teacher: as its official checkpoint was trained"]
+        teacher = f"p = {teacher_stage['augment_p']:g}" if teacher_stage["augment_p"] else "none"
+    by_method = {}  # method -> p -> the lrs (as written) that trained with it
     for method, _, name in params.runs():
         p = read_json(distill_metrics(name)).get("augment_p", 0.0)
-        parts.append(
-            f"{METHODS[method].display}, lr {name.removeprefix(method + '-')}: {f'p = {p:g}' if p else 'none'}"
-        )
-    return (
-        "Augmentation (EDM's non-leaking geometric pipeline with probability p, its labels conditioning the "
-        "network's augment map; in the fake score's loss for the score methods): " + "; ".join(parts) + "."
+        by_method.setdefault(METHODS[method].display, {}).setdefault(p, []).append(name.removeprefix(method + "-"))
+    students = [
+        f"{display} {f'p = {p:g}' if p else 'none'}" + (f" (lr {', '.join(lrs)})" if len(ps) > 1 else "")
+        for display, ps in by_method.items()
+        for p, lrs in ps.items()
+    ]
+    what = "EDM's non-leaking geometric pipeline with probability p, its labels conditioning the augment map"
+    if teacher == "none" and all(s.endswith("none") for s in students):
+        return f"Augmentation ({what}): none, for the teacher and every student."
+    return f"Augmentation ({what}; for the score methods in the fake score's loss): teacher {teacher}; " + (
+        "; ".join(students) + "."
     )
 
 
