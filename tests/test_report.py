@@ -48,3 +48,28 @@ def test_fids_of_different_protocols_are_refused_in_one_column():
         assert "different protocols" in str(e) and "sid-1e-5" in str(e)
     else:
         raise AssertionError("mixed protocols were accepted")
+
+
+def test_augmentation_is_stated_per_method_and_lr_and_kid_as_used(tmp_path, monkeypatch):
+    import json
+
+    from pipeline.params import parse_params
+
+    from stages.report import augmentation_text, kid_text
+
+    params = parse_params({"study": {"methods": ["sid", "gdd"], "lrs": ["1e-4", "3e-5"]}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics" / "distill").mkdir(parents=True)
+    for name, p in {"sid-1e-4": 0.12, "sid-3e-5": 0.0, "gdd-1e-4": 0.0, "gdd-3e-5": 0.0}.items():
+        (tmp_path / "metrics" / "distill" / f"{name}.json").write_text(json.dumps({"augment_p": p}))
+    text = augmentation_text(params, {"augment_p": 0.12})
+    assert text.endswith("teacher p = 0.12; SiD p = 0.12 (lr 1e-4); SiD none (lr 3e-5); GDD none.")
+    assert augmentation_text(params, {}).split(": ")[1].startswith("teacher as its official checkpoint was trained")
+    (tmp_path / "metrics" / "distill" / "sid-1e-4.json").write_text(json.dumps({"augment_p": 0.0}))
+    assert augmentation_text(params, {"augment_p": 0.0}).endswith("none, for the teacher and every student.")
+
+    assert kid_text(params, {"kid_subset_size": 500}) == "KID over 50 subsets of 500 images"
+    assert kid_text(params, {"kid_subset_size": 40}).endswith(
+        "cut from evaluation.kid_subset_size 500 to the set sizes"
+    )
+    assert kid_text(params, {}).startswith("no KID")
