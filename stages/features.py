@@ -39,7 +39,7 @@ def digits_classifier(params, run):
     )
     with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
         save_digits_net(net, tmp)
-        identity = write_info(tmp, DIGITS, file_sha256(tmp / WEIGHTS_FILE), feature_dim=64)
+        identity = write_info(tmp, DIGITS, file_sha256(tmp / WEIGHTS_FILE), feature_dim=net.config["feature_dim"])
     write_json(metrics("features"), {**identity, **info})
     run.log_metrics(info)
 
@@ -47,10 +47,10 @@ def digits_classifier(params, run):
 def inception_weights(spec):
     """The local path of the pinned weights file: downloaded (`url`) or given (`path`), checked against the pin."""
     if spec.path is not None:
-        if file_sha256(spec.path) != spec.sha256:
+        digest = file_sha256(spec.path)
+        if digest != spec.sha256:
             raise StageFailed(
-                f"{spec.path} has sha256 {file_sha256(spec.path)}, but evaluation.feature_weights.sha256 pins "
-                f"{spec.sha256}"
+                f"{spec.path} has sha256 {digest}, but evaluation.feature_weights.sha256 pins {spec.sha256}"
             )
         return spec.path
     try:
@@ -72,9 +72,9 @@ def inception(params, run):
             import_inception_weights(path, tmp)
         except ValueError as e:
             raise StageFailed(str(e)) from None
-        identity = write_info(tmp, INCEPTION, spec.sha256, source=spec.url or spec.path, feature_dim=2048)
+        identity = write_info(tmp, INCEPTION, spec.sha256, source=spec.url or spec.path, feature_dim=2048)  # pool3
     write_json(metrics("features"), identity)
-    run.log_metrics({"feature_dim": 2048})
+    run.log_metrics({"feature_dim": identity["feature_dim"]})
 
 
 def run(params, args, run):

@@ -205,14 +205,14 @@ def augmentation_text(params, teacher_stage):
     for method, _, name in params.runs():
         p = read_json(distill_metrics(name)).get("augment_p", 0.0)
         by_method.setdefault(METHODS[method].display, {}).setdefault(p, []).append(name.removeprefix(method + "-"))
+    what = "EDM's non-leaking geometric pipeline with probability p, its labels conditioning the augment map"
+    if teacher == "none" and not any(p for ps in by_method.values() for p in ps):
+        return f"Augmentation ({what}): none, for the teacher and every student."
     students = [
         f"{display} {f'p = {p:g}' if p else 'none'}" + (f" (lr {', '.join(lrs)})" if len(ps) > 1 else "")
         for display, ps in by_method.items()
         for p, lrs in ps.items()
     ]
-    what = "EDM's non-leaking geometric pipeline with probability p, its labels conditioning the augment map"
-    if teacher == "none" and all(s.endswith("none") for s in students):
-        return f"Augmentation ({what}): none, for the teacher and every student."
     return f"Augmentation ({what}; for the score methods in the fake score's loss): teacher {teacher}; " + (
         "; ".join(students) + "."
     )
