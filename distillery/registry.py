@@ -99,6 +99,17 @@ class GDDSettings(Settings):
     encoder_sigma: PosFloat = 0.2
 
 
+class DMD2Settings(Settings):
+    """docs/methods.md §3.5 (tianweiy/DMD2, EDM ImageNet-64 setting)."""
+
+    sigma_init: PosFloat = 80.0  # DMD2's conditioning_sigma: G(80·z; 80)
+    sigma_data: PosFloat = 0.5
+    num_train_timesteps: Annotated[int, Field(gt=1)] = 1000  # the Karras grid both losses draw σ from
+    min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
+    max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
+    fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
+
+
 class Method(NamedTuple):
     name: str  # the key in params.yaml (study.methods, its settings section)
     display: str  # the name in tables and figures
@@ -122,5 +133,6 @@ METHODS = {
         Method("diff_instruct", "Diff-Instruct", DiffInstructSettings, "distillery.methods.diff_instruct:DiffInstruct"),
         Method("gdd", "GDD", GDDSettings, "distillery.methods.gdd:GDD"),
         Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
+        Method("dmd2", "DMD2", DMD2Settings, "distillery.methods.dmd2:DMD2"),
     ]
 }

@@ -1,0 +1,64 @@
+"""DMD2 (Yin et al., NeurIPS 2024; tianweiy/DMD2), docs/methods.md §3.5.
+
+Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0.002 … σ_max 80).
+- Generator (distribution matching): at x_t = x_g + σε, with σ uniform over the grid's levels between
+  min_step_percent and max_step_percent, the per-sample direction g = (D_ψ(x_t) − D_φ(x_t)) / mean|x_g − D_φ(x_t)|,
+  taken without gradient, enters the loss ½·mean((x_g − sg(x_g − g))²): its gradient on x_g is g / numel.
+- Fake score: σ uniform over every level of the grid, weight σ⁻² + σ_data⁻² (Karras), mean over elements.
+"""
+
+import torch
+
+from distillery.edm import broadcast_per_sample, karras_sigmas
+from distillery.methods.base import FakeScoreMethod, eval_mode, finite_rows, frozen
+from distillery.registry import DMD2Settings
+
+
+def distribution_matching_loss(x_g, d_teacher, d_fake):
+    """½·mean((x_g − sg(x_g − g))²) with g = (D_ψ − D_φ) / mean|x_g − D_φ| per sample (§3.5)."""
+    with torch.no_grad():
+        p_real = x_g - d_teacher
+        grad = (d_fake - d_teacher) / p_real.abs().mean(dim=tuple(range(1, x_g.ndim)), keepdim=True)
+        grad = torch.nan_to_num(grad)
+    return 0.5 * torch.nn.functional.mse_loss(x_g, (x_g - grad).detach())
+
+
+class DMD2(FakeScoreMethod):
+    """DMD2's one-step generator loss and its fake-score loss on the Karras grid."""
+
+    def __init__(self, **settings):
+        s = DMD2Settings(**settings)
+        self.sigma_init, self.sigma_data = s.sigma_init, s.sigma_data
+        self.augment = None
+        self.fake_updates = s.fake_updates
+        # ascending, as the reference indexes it: level t = 0 is σ_min
+        self.grid = karras_sigmas(s.num_train_timesteps)[:-1].flip(0)
+        self.min_step = int(s.min_step_percent * s.num_train_timesteps)
+        self.max_step = int(s.max_step_percent * s.num_train_timesteps)
+
+    def sigmas(self, low, high, like):
+        t = torch.randint(low, high, [like.shape[0]], device=like.device)
+        return broadcast_per_sample(self.grid.to(like.device, like.dtype)[t], like)
+
+    def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
+        x_g = self.generate(generator, z, class_labels)
+        keep = broadcast_per_sample(finite_rows(x_g), x_g)
+        x_g = torch.where(keep, x_g, 0)
+        with torch.no_grad():
+            sigma = self.sigmas(self.min_step, min(self.max_step + 1, len(self.grid)), x_g)
+            x_t = x_g + sigma * torch.randn_like(x_g)
+            with frozen(teacher), frozen(aux):
+                d_teacher, d_fake = teacher(x_t, sigma, class_labels), aux(x_t, sigma, class_labels)
+        return distribution_matching_loss(x_g, d_teacher, d_fake)
+
+    def aux_loss(self, generator, aux, z, class_labels=None, real=None):
+        with torch.no_grad(), eval_mode(generator):
+            x_g = self.generate(generator, z, class_labels)
+        keep = finite_rows(x_g)
+        x_g, class_labels = x_g[keep], None if class_labels is None else class_labels[keep]
+        if isinstance(aux, torch.nn.Module):
+            aux.train()
+        sigma = self.sigmas(0, len(self.grid), x_g)
+        denoised = aux(x_g + sigma * torch.randn_like(x_g), sigma, class_labels)
+        weight = sigma**-2 + self.sigma_data**-2  # Karras weighting
+        return (weight * (denoised - x_g) ** 2).mean()

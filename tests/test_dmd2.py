@@ -1,0 +1,39 @@
+"""DMD2 on the analytic Gaussian teacher: the distribution-matching step moves the generator toward the teacher
+(the sign-flipped loss does not), its gradient per sample is (D_ψ − D_φ)/(numel·mean|x_g − D_φ|), and the fake-score
+loss is minimised by the generator's exact denoiser."""
+
+import torch
+
+from distillery.methods.dmd2 import DMD2, distribution_matching_loss
+
+from toys import F64, AffineGenerator, assert_step_moves_toward_teacher, gaussian
+
+
+def test_one_step_moves_the_generator_toward_the_teacher():
+    torch.manual_seed(0)
+    mu_p = torch.tensor([1.0, -0.5, 0.25, 0.0], dtype=F64)
+    teacher = gaussian(mu_p, 0.5)
+    generator = AffineGenerator(torch.zeros(4, dtype=F64), -1.5)  # std 0.22, narrower than the teacher
+    fake = gaussian(generator.mu.detach(), generator.log_s.detach().exp())  # the generator's exact denoiser
+    loss = DMD2().generator_loss(generator, fake, teacher, torch.randn(4096, 4, dtype=F64))
+    assert_step_moves_toward_teacher(generator, loss, mu_p)
+
+
+def test_the_gradient_is_the_normalised_fake_minus_teacher_denoiser():
+    gen = torch.Generator().manual_seed(0)
+    x_g = torch.randn(3, 2, 4, dtype=F64, generator=gen).requires_grad_(True)
+    d_teacher, d_fake = (torch.randn(3, 2, 4, dtype=F64, generator=gen) for _ in range(2))
+    distribution_matching_loss(x_g, d_teacher, d_fake).backward()
+    expected = (d_fake - d_teacher) / (x_g - d_teacher).abs().mean((1, 2), keepdim=True) / x_g.numel()
+    torch.testing.assert_close(x_g.grad, expected.detach())
+
+
+def test_fake_score_loss_is_lowest_for_the_exact_denoiser_of_the_samples():
+    generator = AffineGenerator(torch.tensor([0.5, -0.5], dtype=F64), scale=0.3)
+    exact, wrong = gaussian(generator.mu.detach(), 0.3), gaussian(torch.zeros(2, dtype=F64), 0.3)
+    z = torch.randn(20000, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for fake in (exact, wrong):
+        torch.manual_seed(2)
+        losses.append(DMD2().aux_loss(generator, fake, z).item())
+    assert losses[0] < losses[1]
