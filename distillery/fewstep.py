@@ -1,4 +1,5 @@
-"""K-step students (docs/methods.md §3.8): their noise levels and the multistep sampler.
+"""K-step students (docs/methods.md §3.8): their noise levels, the multistep sampler, and the states they are
+trained on — with DDIL's mixture of data, teacher and student states (§3.9).
 
 A K-step student is an EDM denoiser G(x; σ) sampled at K fixed levels σ_0 = σ_max > σ_1 > … > σ_{K−1}:
 x_0 = σ_0·z, x̂_k = G(x_k; σ_k), then x_{k+1} = x̂_k + σ_{k+1}·ε_k (stochastic: DMD2, multistep consistency
@@ -8,6 +9,8 @@ sampling) or the deterministic DDIM step x̂_k + σ_{k+1}·(x_k − x̂_k)/σ_k.
 import torch
 
 from distillery.edm import karras_sigmas
+
+SOURCES = ("data", "teacher", "student")
 
 
 def student_sigmas(steps, num_train_timesteps=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -19,24 +22,39 @@ def student_sigmas(steps, num_train_timesteps=1000, sigma_min=0.002, sigma_max=8
     return schedule[[k * num_train_timesteps // steps for k in range(steps)]]
 
 
-def multistep(student, sigmas, deterministic=False, clip=None):
-    """The sampler `(latents, labels, noise) -> images` of a K-step student at levels `sigmas` (descending).
+def denoise(net, x, sigma, labels, clip):
+    denoised = net(x, torch.full([len(x)], float(sigma), dtype=x.dtype, device=x.device), labels)
+    return denoised if clip is None else denoised.clamp(*clip)
 
-    `noise(k, like)` gives ε_k for the stochastic step into level k + 1 (per-seed generators make image i depend
-    on seed i only); `clip` = (lo, hi) clips every x̂ to the data range (the reflected variant of DDIL).
-    """
-    sigmas = [float(s) for s in sigmas]
+
+def rollout(student, sigmas, k, latents, labels=None, noise=None, deterministic=False, clip=None):
+    """The state x_k the student reaches at level k from x_0 = σ_0·z (backward simulation; k = 0 gives x_0).
+
+    `noise(j, like)` gives ε_j of the stochastic step into level j + 1; `clip` = (lo, hi) clips every x̂ to the data
+    range (DDIL's reflected variant)."""
+    x = latents * float(sigmas[0])
+    for j in range(k):
+        denoised = denoise(student, x, sigmas[j], labels, clip)
+        step = (x - denoised) / float(sigmas[j]) if deterministic else noise(j, denoised)
+        x = denoised + float(sigmas[j + 1]) * step
+    return x
+
+
+def multistep(student, sigmas, deterministic=False, clip=None):
+    """The sampler `(latents, labels, noise) -> images` of a K-step student at levels `sigmas` (descending)."""
 
     def sample(latents, labels, noise=None):
-        x = latents * sigmas[0]
-        for k, sigma in enumerate(sigmas):
-            denoised = student(x, torch.full([len(x)], sigma, dtype=x.dtype, device=x.device), labels)
-            if clip is not None:
-                denoised = denoised.clamp(*clip)
-            if k == len(sigmas) - 1:
-                return denoised
-            nxt = sigmas[k + 1]
-            x = denoised + nxt * ((x - denoised) / sigma if deterministic else noise(k, denoised))
-        return x
+        last = len(sigmas) - 1
+        x = rollout(student, sigmas, last, latents, labels, noise, deterministic, clip)
+        return denoise(student, x, sigmas[last], labels, clip)
 
     return sample
+
+
+def choose_sources(batch, weights, generator=None):
+    """Each sample's source of training state, iid with probabilities ∝ `weights` (β_data, β_teacher, β_student);
+    returns indices into SOURCES, [batch]."""
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (len(SOURCES),) or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"weights must be {len(SOURCES)} non-negative numbers, not all 0; got {weights.tolist()}")
+    return torch.multinomial(weights, batch, replacement=True, generator=generator)

@@ -6,7 +6,7 @@ import torch
 
 from distillery.analytic import gaussian_pf_ode
 from distillery.edm import karras_sigmas
-from distillery.fewstep import multistep, student_sigmas
+from distillery.fewstep import choose_sources, multistep, rollout, student_sigmas
 from distillery.sampling import one_step
 
 from toys import tiny_edm
@@ -55,3 +55,26 @@ def test_the_reflected_sampler_never_leaves_the_data_range():
     out = multistep(student, student_sigmas(4), clip=(-1, 1))(torch.randn(64, 3, generator=gen), None, noise)
     assert out.abs().max() <= 1
     assert len(seen) == 4
+
+
+def test_the_rollout_to_level_k_is_the_sampler_without_its_last_denoising():
+    net = tiny_edm(perturb=0.1).eval()
+    sigmas = student_sigmas(4)
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x3 = rollout(net, sigmas, 3, latents, deterministic=True)
+        final = multistep(net, sigmas, deterministic=True)(latents, None)
+        assert torch.equal(net(x3, torch.full([3], float(sigmas[3])), None), final)
+        assert torch.equal(rollout(net, sigmas, 0, latents), latents * 80.0)
+
+
+def test_sources_are_drawn_in_the_stated_proportions():
+    weights = [0.5, 0.3, 0.2]
+    n = 30000
+    counts = torch.bincount(choose_sources(n, weights, torch.Generator().manual_seed(0)), minlength=3).double()
+    expected = torch.tensor(weights, dtype=torch.float64) * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 13.8  # χ² with 2 degrees of freedom: p = 0.001
+    assert torch.bincount(choose_sources(1000, [0, 1, 0]), minlength=3).tolist() == [0, 1000, 0]
+    with pytest.raises(ValueError, match="non-negative"):
+        choose_sources(10, [0, 0, 0])
