@@ -18,12 +18,8 @@ def test_one_step_with_the_target_equals_two_teacher_steps():
     x = 3 * torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     for sigma, mid, nxt in [(5.0, 2.0, 0.7), (0.7, 0.2, 0.0)]:
         target = two_step_target(MIXTURE, x, sigma, mid, nxt)
-        two = ddim_step(
-            ddim_step(x, MIXTURE(x, sigma), sigma, mid),
-            MIXTURE(ddim_step(x, MIXTURE(x, sigma), sigma, mid), mid),
-            mid,
-            nxt,
-        )
+        mid_state = ddim_step(x, MIXTURE(x, sigma), sigma, mid)
+        two = ddim_step(mid_state, MIXTURE(mid_state, mid), mid, nxt)
         torch.testing.assert_close(ddim_step(x, target, sigma, nxt), two, rtol=0, atol=1e-12)
 
 
