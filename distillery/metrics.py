@@ -11,6 +11,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
 
@@ -90,3 +91,16 @@ def kid(features_a, features_b, subset_size=1000, subsets=100):
         verbose=False,
     )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+def precision_recall(generated, real, neighborhood=3):
+    """Improved precision and recall (Kynkäänniemi et al. 2019), torch-fidelity's implementation: the share of
+    generated features inside the real k-NN manifold, and of real features inside the generated one."""
+    out = prc_features_to_metric(
+        torch.from_numpy(np.asarray(generated)),
+        torch.from_numpy(np.asarray(real)),
+        prc_neighborhood=neighborhood,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])

@@ -21,6 +21,7 @@ from distillery.metrics import (
     inception_score,
     kid,
     load_stats_npz,
+    precision_recall,
     save_stats_npz,
     to_uint8,
 )
@@ -189,3 +190,16 @@ def test_training_is_bit_identical_for_a_seed(digits):
     assert metrics_a == metrics_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not all(torch.equal(state_a[k], state_c[k]) for k in state_a)
+
+
+def test_precision_recall_separate_quality_from_diversity():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=gen).numpy()
+    collapsed = (0.05 * torch.randn(400, 8, generator=gen)).numpy()  # inside the real manifold, little of it
+    shifted = (torch.randn(400, 8, generator=gen) + 6).numpy()  # as diverse, elsewhere
+    p_c, r_c = precision_recall(collapsed, real)
+    p_s, r_s = precision_recall(shifted, real)
+    p_r, r_r = precision_recall(torch.randn(400, 8, generator=gen).numpy(), real)
+    assert p_c > 0.9 and r_c < 0.1
+    assert p_s < 0.05 and r_s < 0.05
+    assert p_r > 0.8 and r_r > 0.8
