@@ -108,6 +108,7 @@ class DMD2Settings(Settings):
     min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
     max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
     fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
+    steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps, at DMD2's levels (distillery/fewstep.py)
 
 
 class Method(NamedTuple):

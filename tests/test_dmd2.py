@@ -2,11 +2,13 @@
 (the sign-flipped loss does not), its gradient per sample is (D_ψ − D_φ)/(numel·mean|x_g − D_φ|), and the fake-score
 loss is minimised by the generator's exact denoiser."""
 
+import pytest
 import torch
 
 from distillery.methods.dmd2 import DMD2, distribution_matching_loss
+from distillery.sampling import one_step
 
-from toys import F64, AffineGenerator, assert_step_moves_toward_teacher, gaussian
+from toys import F64, AffineGenerator, assert_step_moves_toward_teacher, gaussian, tiny_edm
 
 
 def test_one_step_moves_the_generator_toward_the_teacher():
@@ -37,3 +39,28 @@ def test_fake_score_loss_is_lowest_for_the_exact_denoiser_of_the_samples():
         torch.manual_seed(2)
         losses.append(DMD2().aux_loss(generator, fake, z).item())
     assert losses[0] < losses[1]
+
+
+def test_one_step_dmd2_generates_as_the_one_step_path():
+    net = tiny_edm(perturb=0.1).eval()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(DMD2().generate(net, z), one_step(net, 80.0)(z, None))
+
+
+def test_backward_simulation_runs_the_student_k_steps_from_noise():
+    calls = []
+
+    def student(x, sigma, labels=None):
+        calls.append(float(sigma.flatten()[0]))
+        return 0.5 * x
+
+    method = DMD2(steps=4)
+    z = torch.randn(2, 3)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        calls.clear()
+        k = int(torch.randint(4, [1]))
+        torch.manual_seed(seed)
+        method.generate(student, z)
+        assert calls == pytest.approx(method.levels[: k + 1].tolist(), rel=1e-6)  # k rollout steps, then G at σ_k

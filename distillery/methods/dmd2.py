@@ -5,11 +5,14 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
   min_step_percent and max_step_percent, the per-sample direction g = (D_ψ(x_t) − D_φ(x_t)) / mean|x_g − D_φ(x_t)|,
   taken without gradient, enters the loss ½·mean((x_g − sg(x_g − g))²): its gradient on x_g is g / numel.
 - Fake score: σ uniform over every level of the grid, weight σ⁻² + σ_data⁻² (Karras), mean over elements.
+- K steps (backward simulation): per batch one level k is drawn; the state x_k comes from running the student from
+  pure noise for k steps without gradient (re-noised with fresh noise at σ_k), and G's sample is x̂ = G(x_k; σ_k).
 """
 
 import torch
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
+from distillery.fewstep import rollout, student_sigmas
 from distillery.methods.base import FakeScoreMethod, eval_mode, finite_rows, frozen
 from distillery.registry import DMD2Settings
 
@@ -35,6 +38,15 @@ class DMD2(FakeScoreMethod):
         self.grid = karras_sigmas(s.num_train_timesteps)[:-1].flip(0)
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
         self.max_step = int(s.max_step_percent * s.num_train_timesteps)
+        self.levels = student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init)
+
+    def generate(self, generator, z, class_labels=None):
+        """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5); k = 0 is the one-step path."""
+        k = int(torch.randint(len(self.levels), [1]))
+        with torch.no_grad():
+            x_k = rollout(generator, self.levels, k, z, class_labels, noise=lambda j, like: torch.randn_like(like))
+        sigma = torch.full([z.shape[0]], float(self.levels[k]), dtype=z.dtype, device=z.device)
+        return generator(x_k, broadcast_per_sample(sigma, z), class_labels)
 
     def sigmas(self, low, high, like):
         t = torch.randint(low, high, [like.shape[0]], device=like.device)
