@@ -317,17 +317,19 @@ class Distillation:
         )[0]
 
     def iteration(self):
-        """One auxiliary and one generator update, then the EMA; returns the losses."""
-        if self.method.generator_first:
-            loss_g = self.generator_update()
-            loss_aux = self.aux_update()
-        else:
-            loss_aux = self.aux_update()
-            loss_g = self.generator_update()
+        """One auxiliary update and, every `generator_every`-th iteration (DMD2's two time scales), one generator
+        update, then the EMA; returns the losses of the updates made."""
+        losses = {}
+        due = self.step % self.method.generator_every == 0
+        if self.method.generator_first and due:
+            losses["loss_g"] = self.generator_update()
+        losses["loss_aux"] = self.aux_update()
+        if not self.method.generator_first and due:
+            losses["loss_g"] = self.generator_update()
         c = self.config
         ema_update(self.ema, self.generator, self.nimg, c.batch, c.ema_halflife_kimg, c.ema_rampup_ratio)
         self.nimg, self.step = self.nimg + c.batch, self.step + 1
-        return {"loss_g": loss_g, "loss_aux": loss_aux}
+        return losses
 
     # --- Monitoring ------------------------------------------------------------------------------------------------
 

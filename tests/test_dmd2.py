@@ -8,7 +8,7 @@ import torch
 from distillery.methods.dmd2 import DMD2, distribution_matching_loss
 from distillery.sampling import one_step
 
-from toys import F64, AffineGenerator, assert_step_moves_toward_teacher, gaussian, tiny_edm
+from toys import F64, AffineGenerator, assert_step_moves_toward_teacher, gaussian, tiny_distill, tiny_edm
 
 
 def test_one_step_moves_the_generator_toward_the_teacher():
@@ -64,3 +64,26 @@ def test_backward_simulation_runs_the_student_k_steps_from_noise():
         torch.manual_seed(seed)
         method.generate(student, z)
         assert calls == pytest.approx(method.levels[: k + 1].tolist(), rel=1e-6)  # k rollout steps, then G at σ_k
+
+
+def test_the_generator_is_updated_once_per_fake_updates_iterations_and_first():
+    class Recording(DMD2):
+        def __init__(self, **settings):
+            super().__init__(**settings)
+            self.calls = []
+
+        def generator_loss(self, *args, **kwargs):
+            self.calls.append("g")
+            return super().generator_loss(*args, **kwargs)
+
+        def aux_loss(self, *args, **kwargs):
+            self.calls.append("fake")
+            return super().aux_loss(*args, **kwargs)
+
+    method = Recording(fake_updates=3)
+    _, losses = tiny_distill(method, tiny_edm())  # 5 iterations
+    assert method.calls == ["g", "fake", "fake", "fake", "g", "fake", "fake"]
+    assert [sorted(step) for step in losses] == [["loss_aux", "loss_g"], ["loss_aux"], ["loss_aux"]] + [
+        ["loss_aux", "loss_g"],
+        ["loss_aux"],
+    ]

@@ -7,12 +7,13 @@ from pipeline.params import ParamsError, parse_params
 
 from distillery.methods.base import DistillationMethod
 from distillery.methods.diff_instruct import DiffInstruct
+from distillery.methods.dmd2 import DMD2
 from distillery.methods.gdd import GDD, GDDI
 from distillery.methods.sid import SiD
 from distillery.methods.sim import SIM
 from distillery.registry import METHODS
 
-CLASSES = {"sid": SiD, "sim": SIM, "diff_instruct": DiffInstruct, "gdd": GDD, "gdd_i": GDDI}
+CLASSES = {"sid": SiD, "sim": SIM, "diff_instruct": DiffInstruct, "gdd": GDD, "gdd_i": GDDI, "dmd2": DMD2}
 
 
 def test_every_method_is_registered_with_its_class():

@@ -60,6 +60,7 @@ class DistillationMethod:
     needs_teacher = True  # GDD trains against real data only
     needs_real_data = False
     generator_first = False  # SiD/SIM/DI update the fake score first; GDD updates G first
+    generator_every = 1  # G is updated every this many iterations, the auxiliary net every iteration (DMD2: 5)
     generator_dropout = None  # None keeps the teacher's dropout in G (SiD); GDD trains G without it
 
     def make_aux(self, teacher):

@@ -27,13 +27,16 @@ def distribution_matching_loss(x_g, d_teacher, d_fake):
 
 
 class DMD2(FakeScoreMethod):
-    """DMD2's one-step generator loss and its fake-score loss on the Karras grid."""
+    """DMD2's generator loss and its fake-score loss on the Karras grid; per iteration G first (when due), then
+    the fake score, as the reference loop."""
+
+    generator_first = True
 
     def __init__(self, **settings):
         s = DMD2Settings(**settings)
         self.sigma_init, self.sigma_data = s.sigma_init, s.sigma_data
         self.augment = None
-        self.fake_updates = s.fake_updates
+        self.generator_every = s.fake_updates
         # ascending, as the reference indexes it: level t = 0 is σ_min
         self.grid = karras_sigmas(s.num_train_timesteps)[:-1].flip(0)
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
