@@ -58,3 +58,42 @@ def choose_sources(batch, weights, generator=None):
     if weights.shape != (len(SOURCES),) or (weights < 0).any() or not weights.sum() > 0:
         raise ValueError(f"weights must be {len(SOURCES)} non-negative numbers, not all 0; got {weights.tolist()}")
     return torch.multinomial(weights, batch, replacement=True, generator=generator)
+
+
+def teacher_rollout(teacher, sigma_from, sigma_to, x, labels=None, steps=8, clip=None, rho=7.0):
+    """The teacher's deterministic Heun solution of the PF-ODE from σ_from to σ_to (> 0) over `steps` Karras-spaced
+    intervals; `clip` clips every denoised prediction to the data range (DDIL's reflected variant)."""
+    ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    grid = (sigma_from ** (1 / rho) + ramp * (sigma_to ** (1 / rho) - sigma_from ** (1 / rho))) ** rho
+    for s, t in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        d = (x - denoise(teacher, x, s, labels, clip)) / s
+        x_next = x + (t - s) * d
+        d_next = (x_next - denoise(teacher, x_next, t, labels, clip)) / t
+        x = x + (t - s) * (d + d_next) / 2
+    return x
+
+
+@torch.no_grad()
+def training_states(
+    k, levels, z, sources, *, student, teacher=None, real=None, labels=None, clip=None, teacher_steps=8
+):
+    """The states x_k at level σ_k a K-step student trains on, one per sample from its source (DDIL, §3.9):
+    data — real + σ_k·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to σ_k;
+    student — the student's own rollout from σ_0·z (backward simulation). At k = 0 every source is pure noise σ_0·z."""
+    x = z * float(levels[0])
+    if k == 0:
+        return x
+    sigma = float(levels[k])
+    for index, name in enumerate(SOURCES):
+        rows = (sources == index).nonzero().flatten()
+        if not len(rows):
+            continue
+        part = None if labels is None else labels[rows]
+        if name == "data":
+            x[rows] = real[rows] + sigma * torch.randn_like(real[rows])
+        elif name == "teacher":
+            x[rows] = teacher_rollout(teacher, float(levels[0]), sigma, x[rows], part, teacher_steps, clip)
+        else:
+            noise = lambda j, like: torch.randn_like(like)  # noqa: E731
+            x[rows] = rollout(student, levels, k, z[rows], part, noise, clip=clip)
+    return x

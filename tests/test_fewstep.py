@@ -6,10 +6,10 @@ import torch
 
 from distillery.analytic import gaussian_pf_ode
 from distillery.edm import karras_sigmas
-from distillery.fewstep import choose_sources, multistep, rollout, student_sigmas
+from distillery.fewstep import SOURCES, choose_sources, multistep, rollout, student_sigmas, training_states
 from distillery.sampling import one_step
 
-from toys import tiny_edm
+from toys import F64, gaussian, tiny_edm
 
 
 def test_levels_are_dmd2s_evenly_spaced_timesteps_on_the_karras_schedule():
@@ -78,3 +78,46 @@ def test_sources_are_drawn_in_the_stated_proportions():
     assert torch.bincount(choose_sources(1000, [0, 1, 0]), minlength=3).tolist() == [0, 1000, 0]
     with pytest.raises(ValueError, match="non-negative"):
         choose_sources(10, [0, 0, 0])
+
+
+def test_each_source_gives_its_own_states():
+    # data N(m, s²I): the forward-diffused data and the exact teacher's ODE states at σ_k both have the marginal
+    # N(m, (s² + σ_k²)I); the student (here: one that always predicts 0) gives 0 + σ_k·ε
+    m, s, n = 0.5, 0.3, 4000
+    teacher = gaussian(torch.full([2], m, dtype=F64), s)
+    student = lambda x, sigma, labels=None: torch.zeros_like(x)  # noqa: E731
+    levels = student_sigmas(4)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3 * n, 2, generator=gen, dtype=F64)
+    real = m + s * torch.randn(3 * n, 2, generator=gen, dtype=F64)
+    sources = torch.arange(3).repeat_interleave(n)
+    torch.manual_seed(1)
+    x = training_states(2, levels, z, sources, student=student, teacher=teacher, real=real, teacher_steps=32)
+    sigma = float(levels[2])
+    for index, (mean, std) in enumerate([(m, (s**2 + sigma**2) ** 0.5)] * 2 + [(0.0, sigma)]):
+        part = x[sources == index]
+        assert part.mean().item() == pytest.approx(mean, abs=4 * std / (2 * n) ** 0.5), SOURCES[index]
+        assert part.std().item() == pytest.approx(std, rel=0.03), SOURCES[index]
+    assert torch.equal(training_states(0, levels, z, sources, student=student, teacher=teacher, real=real), z * 80.0)
+
+
+def test_the_reflected_rollouts_clip_every_prediction_to_the_data_range():
+    # clipping inside the rollouts is the same as rolling out a net whose predictions never leave [-1, 1]
+    overshooting = lambda x, sigma, labels=None: 3 * torch.tanh(x)  # noqa: E731
+    in_range = lambda x, sigma, labels=None: (3 * torch.tanh(x)).clamp(-1, 1)  # noqa: E731
+    levels = student_sigmas(4)
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    sources = torch.tensor([1, 2]).repeat(32)
+    states = {}
+    for name, net, clip in [("clipped", overshooting, (-1, 1)), ("in range", in_range, None)]:
+        torch.manual_seed(1)
+        states[name] = training_states(3, levels, z, sources, student=net, teacher=net, clip=clip)
+    assert torch.equal(states["clipped"], states["in range"])
+    torch.manual_seed(1)
+    assert not torch.equal(
+        training_states(3, levels, z, sources, student=overshooting, teacher=overshooting), states["clipped"]
+    )
+    # and the reflected sampler's images stay in the data range
+    gen = torch.Generator().manual_seed(2)
+    noise = lambda k, like: torch.randn(like.shape, generator=gen)  # noqa: E731
+    assert multistep(overshooting, levels, clip=(-1, 1))(z, None, noise).abs().max() <= 1
