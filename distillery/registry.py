@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PosFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+NonNegative = Annotated[float, Field(ge=0)]
 TMax = Annotated[float, Field(gt=0, le=1000)]
 
 # the projected discriminator's feature networks (distillery.discriminators.BACKBONES)
@@ -109,6 +110,16 @@ class DMD2Settings(Settings):
     max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
     fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
     steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps, at DMD2's levels (distillery/fewstep.py)
+    # DDIL (§3.9): the training states' mixture (β_data, β_teacher, β_student); None: backward simulation only
+    ddil: tuple[NonNegative, NonNegative, NonNegative] | None = None
+    reflect: bool = False  # clip the x̂ of rollouts and sampling to the data range [-1, 1]
+    teacher_steps: Annotated[int, Field(ge=1)] = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)
+
+    @model_validator(mode="after")
+    def ddil_has_weight(self):
+        if self.ddil is not None and not sum(self.ddil) > 0:
+            raise ValueError(f"ddil weights must not all be 0, got {self.ddil}")
+        return self
 
 
 class Method(NamedTuple):

@@ -87,3 +87,23 @@ def test_the_generator_is_updated_once_per_fake_updates_iterations_and_first():
         ["loss_aux", "loss_g"],
         ["loss_aux"],
     ]
+
+
+@pytest.mark.parametrize("ddil", [None, (1.0, 1.0, 1.0)])
+def test_k_step_dmd2_trains_deterministically_with_and_without_ddil(ddil):
+    from distillery.training import TrainingData, distill
+
+    from toys import tiny_run
+
+    teacher = tiny_edm(perturb=0.05).eval()
+    data = TrainingData(images=torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    runs = []
+    for _ in range(2):
+        method = DMD2(steps=4, fake_updates=2, ddil=ddil, reflect=True, teacher_steps=2)
+        generator = method.make_generator(teacher)
+        torch.manual_seed(0)
+        result = distill(method, teacher, generator, method.make_aux(teacher), tiny_run(), data=data)
+        runs.append(result.ema.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(v.isfinite().all() for v in runs[0].values())
+    assert any(not torch.equal(runs[0][k], teacher.state_dict()[k]) for k in runs[0])

@@ -7,12 +7,14 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
 - Fake score: σ uniform over every level of the grid, weight σ⁻² + σ_data⁻² (Karras), mean over elements.
 - K steps (backward simulation): per batch one level k is drawn; the state x_k comes from running the student from
   pure noise for k steps without gradient (re-noised with fresh noise at σ_k), and G's sample is x̂ = G(x_k; σ_k).
+- DDIL (§3.9): each sample's x_k comes instead from the forward-diffused data, the teacher's ODE rollout or the
+  student's rollout, with probabilities ∝ `ddil`; `reflect` clips every x̂ of the rollouts to the data range.
 """
 
 import torch
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
-from distillery.fewstep import rollout, student_sigmas
+from distillery.fewstep import choose_sources, rollout, student_sigmas, training_states
 from distillery.methods.base import FakeScoreMethod, eval_mode, finite_rows, frozen
 from distillery.registry import DMD2Settings
 
@@ -42,12 +44,36 @@ class DMD2(FakeScoreMethod):
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
         self.max_step = int(s.max_step_percent * s.num_train_timesteps)
         self.levels = student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init)
+        self.ddil, self.teacher_steps = s.ddil, s.teacher_steps
+        self.clip = (-1.0, 1.0) if s.reflect else None
+        self.needs_real_data = s.ddil is not None and s.ddil[0] > 0
+        self.teacher = None
 
-    def generate(self, generator, z, class_labels=None):
-        """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5); k = 0 is the one-step path."""
+    def make_aux(self, teacher):
+        self.teacher = teacher  # DDIL's teacher states roll the teacher out
+        return super().make_aux(teacher)
+
+    def generate(self, generator, z, class_labels=None, real=None):
+        """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5) or from DDIL's mixture
+        (§3.9); k = 0 is the one-step path."""
         k = int(torch.randint(len(self.levels), [1]))
         with torch.no_grad():
-            x_k = rollout(generator, self.levels, k, z, class_labels, noise=lambda j, like: torch.randn_like(like))
+            if self.ddil is None:
+                noise = lambda j, like: torch.randn_like(like)  # noqa: E731
+                x_k = rollout(generator, self.levels, k, z, class_labels, noise, clip=self.clip)
+            else:
+                x_k = training_states(
+                    k,
+                    self.levels,
+                    z,
+                    choose_sources(len(z), self.ddil).to(z.device),
+                    student=generator,
+                    teacher=self.teacher,
+                    real=None if real is None else real[0],
+                    labels=class_labels,
+                    clip=self.clip,
+                    teacher_steps=self.teacher_steps,
+                )
         sigma = torch.full([z.shape[0]], float(self.levels[k]), dtype=z.dtype, device=z.device)
         return generator(x_k, broadcast_per_sample(sigma, z), class_labels)
 
@@ -56,7 +82,7 @@ class DMD2(FakeScoreMethod):
         return broadcast_per_sample(self.grid.to(like.device, like.dtype)[t], like)
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
-        x_g = self.generate(generator, z, class_labels)
+        x_g = self.generate(generator, z, class_labels, real)
         keep = broadcast_per_sample(finite_rows(x_g), x_g)
         x_g = torch.where(keep, x_g, 0)
         with torch.no_grad():
@@ -68,7 +94,7 @@ class DMD2(FakeScoreMethod):
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         with torch.no_grad(), eval_mode(generator):
-            x_g = self.generate(generator, z, class_labels)
+            x_g = self.generate(generator, z, class_labels, real)
         keep = finite_rows(x_g)
         x_g, class_labels = x_g[keep], None if class_labels is None else class_labels[keep]
         if isinstance(aux, torch.nn.Module):
