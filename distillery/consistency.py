@@ -1,4 +1,4 @@
-"""Consistency distillation (Song et al., ICML 2023) with EDM's parametrisation, docs/methods.md §3.6.
+"""Consistency distillation (Song et al., ICML 2023) with EDM's parametrisation, docs/methods.md §3.9.
 
 The consistency function f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(x, σ) with c_skip = σ_d²/((σ − σ_min)² + σ_d²) and
 c_out = (σ − σ_min)·σ_d/√(σ_d² + σ²) is exactly the identity at σ_min. F_θ is read out of the EDM denoiser the student

@@ -1,5 +1,5 @@
 """K-step students (docs/methods.md §3.8): their noise levels, the multistep sampler, and the states they are
-trained on — with DDIL's mixture of data, teacher and student states (§3.9).
+trained on — with DDIL's mixture of data, teacher and student states (§3.6).
 
 A K-step student is an EDM denoiser G(x; σ) sampled at K fixed levels σ_0 = σ_max > σ_1 > … > σ_{K−1}:
 x_0 = σ_0·z, x̂_k = G(x_k; σ_k), then x_{k+1} = x̂_k + σ_{k+1}·ε_k (stochastic: DMD2, multistep consistency
@@ -77,7 +77,7 @@ def teacher_rollout(teacher, sigma_from, sigma_to, x, labels=None, steps=8, clip
 def training_states(
     k, levels, z, sources, *, student, teacher=None, real=None, labels=None, clip=None, teacher_steps=8
 ):
-    """The states x_k at level σ_k a K-step student trains on, one per sample from its source (DDIL, §3.9):
+    """The states x_k at level σ_k a K-step student trains on, one per sample from its source (DDIL, §3.6):
     data — real + σ_k·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to σ_k;
     student — the student's own rollout from σ_0·z (backward simulation). At k = 0 every source is pure noise σ_0·z."""
     x = z * float(levels[0])

@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho, ICLR 2022) on EDM's deterministic sampler, docs/methods.md §3.7.
+"""Progressive distillation (Salimans & Ho, ICLR 2022) on EDM's deterministic sampler, docs/methods.md §3.10.
 
 Each round halves the sampler's steps: on a grid σ_0 > σ_1 > … > σ_{2N} = 0 the student learns, at x = x_0 + σ_{2i}·ε,
 the denoised image x̃ whose one DDIM step to σ_{2i+2} lands where two teacher DDIM steps (via σ_{2i+1}) land:

@@ -110,7 +110,7 @@ class DMD2Settings(Settings):
     max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
     fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
     steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps, at DMD2's levels (distillery/fewstep.py)
-    # DDIL (§3.9): the training states' mixture (β_data, β_teacher, β_student); None: backward simulation only
+    # DDIL (§3.6): the training states' mixture (β_data, β_teacher, β_student); None: backward simulation only
     ddil: tuple[NonNegative, NonNegative, NonNegative] | None = None
     reflect: bool = False  # clip the x̂ of rollouts and sampling to the data range [-1, 1]
     teacher_steps: Annotated[int, Field(ge=1)] = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)

@@ -7,7 +7,7 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
 - Fake score: σ uniform over every level of the grid, weight σ⁻² + σ_data⁻² (Karras), mean over elements.
 - K steps (backward simulation): per batch one level k is drawn; the state x_k comes from running the student from
   pure noise for k steps without gradient (re-noised with fresh noise at σ_k), and G's sample is x̂ = G(x_k; σ_k).
-- DDIL (§3.9): each sample's x_k comes instead from the forward-diffused data, the teacher's ODE rollout or the
+- DDIL (§3.6): each sample's x_k comes instead from the forward-diffused data, the teacher's ODE rollout or the
   student's rollout, with probabilities ∝ `ddil`; `reflect` clips every x̂ of the rollouts to the data range.
 """
 
@@ -55,7 +55,7 @@ class DMD2(FakeScoreMethod):
 
     def generate(self, generator, z, class_labels=None, real=None):
         """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5) or from DDIL's mixture
-        (§3.9); k = 0 is the one-step path."""
+        (§3.6); k = 0 is the one-step path."""
         k = int(torch.randint(len(self.levels), [1]))
         with torch.no_grad():
             if self.ddil is None:
