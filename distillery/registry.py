@@ -122,6 +122,20 @@ class DMD2Settings(Settings):
         return self
 
 
+class CDSettings(Settings):
+    """docs/methods.md §3.9 (Song et al. 2023, CIFAR-10: N = 18 levels, EMA target μ = 0.95)."""
+
+    sigma_min: PosFloat = 0.002
+    sigma_max: PosFloat = 80.0
+    sigma_data: PosFloat = 0.5
+    rho: PosFloat = 7.0
+    num_levels: Annotated[int, Field(ge=2)] = 18  # the discretisation σ_1 < … < σ_N of the teacher's ODE
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+    huber_c: PosFloat | None = None  # None: 0.00054·√d (iCT)
+    target_ema: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    steps: Annotated[int, Field(ge=1)] = 1  # K: sampling steps at DMD2's levels (§3.8)
+
+
 class Method(NamedTuple):
     name: str  # the key in params.yaml (study.methods, its settings section)
     display: str  # the name in tables and figures
@@ -146,5 +160,6 @@ METHODS = {
         Method("gdd", "GDD", GDDSettings, "distillery.methods.gdd:GDD"),
         Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
         Method("dmd2", "DMD2", DMD2Settings, "distillery.methods.dmd2:DMD2"),
+        Method("cd", "CD", CDSettings, "distillery.methods.cd:ConsistencyDistillation"),
     ]
 }

@@ -237,7 +237,7 @@ class Distillation:
             aux=self.aux.state_dict(),
             ema=self.ema.state_dict(),
             opt_g=self.opt_g.state_dict(),
-            opt_aux=self.opt_aux.state_dict(),
+            opt_aux=self.opt_aux.state_dict() if self.opt_aux else None,
             history=self.history,
             best=self.best,
             streams=streams,
@@ -251,7 +251,8 @@ class Distillation:
             (self.opt_g, "opt_g"),
             (self.opt_aux, "opt_aux"),
         ]:
-            module.load_state_dict(state[key])
+            if module is not None:
+                module.load_state_dict(state[key])
         self.nimg, self.step, self.best = state["nimg"], state["step"], state["best"]
         self.history = [tuple(h) for h in state["history"]]
         self.streams.load(state["streams"])
@@ -300,7 +301,12 @@ class Distillation:
         return total.item(), drawn
 
     def aux_update(self):
+        """The auxiliary net's optimiser step, or, for a method whose auxiliary net is not trained by a loss (the
+        consistency target), its own update."""
         method, generator, aux = self.method, self.generator, self.aux
+        if self.opt_aux is None:
+            method.update_aux(generator, aux)
+            return None
         aux.train()
         loss, drawn = self.update(
             self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real)
@@ -323,7 +329,9 @@ class Distillation:
         due = self.step % self.method.generator_every == 0
         if self.method.generator_first and due:
             losses["loss_g"] = self.generator_update()
-        losses["loss_aux"] = self.aux_update()
+        loss_aux = self.aux_update()
+        if loss_aux is not None:
+            losses["loss_aux"] = loss_aux
         if not self.method.generator_first and due:
             losses["loss_g"] = self.generator_update()
         c = self.config

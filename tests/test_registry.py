@@ -6,6 +6,7 @@ import pytest
 from pipeline.params import ParamsError, parse_params
 
 from distillery.methods.base import DistillationMethod
+from distillery.methods.cd import ConsistencyDistillation
 from distillery.methods.diff_instruct import DiffInstruct
 from distillery.methods.dmd2 import DMD2
 from distillery.methods.gdd import GDD, GDDI
@@ -13,7 +14,7 @@ from distillery.methods.sid import SiD
 from distillery.methods.sim import SIM
 from distillery.registry import METHODS
 
-CLASSES = {"sid": SiD, "sim": SIM, "diff_instruct": DiffInstruct, "gdd": GDD, "gdd_i": GDDI, "dmd2": DMD2}
+CLASSES = {"sid": SiD, "sim": SIM, "diff_instruct": DiffInstruct, "gdd": GDD, "gdd_i": GDDI, "dmd2": DMD2, "cd": ConsistencyDistillation}
 
 
 def test_every_method_is_registered_with_its_class():
@@ -26,7 +27,7 @@ def test_params_build_the_registered_method_with_their_settings(name):
     m = METHODS[name]
     defaults = m.settings()
     changed = {
-        k: v * 1.5
+        k: v * 0.5
         for k, v in defaults.model_dump().items()
         if isinstance(v, float) and hasattr(m.build(), k) and k != "augment_p"
     }

@@ -99,6 +99,10 @@ class DistillationMethod:
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         raise NotImplementedError
 
+    def update_aux(self, generator, aux):
+        """The auxiliary net's update when `optimizers` gives it no optimiser (the consistency target's EMA)."""
+        raise NotImplementedError
+
     def regularizer_due(self, step):
         """Whether iteration `step` (counted from 0) ends with an extra auxiliary step (GDD's lazy R1)."""
         return False
