@@ -5,6 +5,7 @@ Torch-free, so that the params schema can read it without importing a network; t
 when a run builds the method. Equations and sources of each setting: docs/methods.md §3.
 """
 
+import math
 from importlib import import_module
 from typing import Annotated, Literal, NamedTuple
 
@@ -136,6 +137,23 @@ class CDSettings(Settings):
     steps: Annotated[int, Field(ge=1)] = 1  # K: sampling steps at DMD2's levels (§3.8)
 
 
+class PDSettings(Settings):
+    """docs/methods.md §3.10: rounds from `teacher_steps` DDIM steps down to `steps`, `round_kimg` each."""
+
+    teacher_steps: Annotated[int, Field(ge=2)] = 16
+    steps: Annotated[int, Field(ge=1)] = 1
+    round_kimg: PosFloat = 10
+    sigma_data: PosFloat = 0.5
+    sigma_init: PosFloat = 80.0  # σ_max of the Karras grids
+
+    @model_validator(mode="after")
+    def halving_reaches_steps(self):
+        ratio = self.teacher_steps / self.steps
+        if ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
+            raise ValueError(f"teacher_steps / steps must be a power of 2 ≥ 2, got {self.teacher_steps}/{self.steps}")
+        return self
+
+
 class Method(NamedTuple):
     name: str  # the key in params.yaml (study.methods, its settings section)
     display: str  # the name in tables and figures
@@ -161,5 +179,6 @@ METHODS = {
         Method("gdd_i", "GDD-I", GDDSettings, "distillery.methods.gdd:GDDI"),
         Method("dmd2", "DMD2", DMD2Settings, "distillery.methods.dmd2:DMD2"),
         Method("cd", "CD", CDSettings, "distillery.methods.cd:ConsistencyDistillation"),
+        Method("pd", "PD", PDSettings, "distillery.methods.pd:ProgressiveDistillation"),
     ]
 }

@@ -305,7 +305,7 @@ class Distillation:
         consistency target), its own update."""
         method, generator, aux = self.method, self.generator, self.aux
         if self.opt_aux is None:
-            method.update_aux(generator, aux)
+            method.update_aux(generator, aux, self.nimg + self.config.batch)
             return None
         aux.train()
         loss, drawn = self.update(

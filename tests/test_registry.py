@@ -10,11 +10,21 @@ from distillery.methods.cd import ConsistencyDistillation
 from distillery.methods.diff_instruct import DiffInstruct
 from distillery.methods.dmd2 import DMD2
 from distillery.methods.gdd import GDD, GDDI
+from distillery.methods.pd import ProgressiveDistillation
 from distillery.methods.sid import SiD
 from distillery.methods.sim import SIM
 from distillery.registry import METHODS
 
-CLASSES = {"sid": SiD, "sim": SIM, "diff_instruct": DiffInstruct, "gdd": GDD, "gdd_i": GDDI, "dmd2": DMD2, "cd": ConsistencyDistillation}
+CLASSES = {
+    "sid": SiD,
+    "sim": SIM,
+    "diff_instruct": DiffInstruct,
+    "gdd": GDD,
+    "gdd_i": GDDI,
+    "dmd2": DMD2,
+    "cd": ConsistencyDistillation,
+    "pd": ProgressiveDistillation,
+}
 
 
 def test_every_method_is_registered_with_its_class():

@@ -99,8 +99,9 @@ class DistillationMethod:
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         raise NotImplementedError
 
-    def update_aux(self, generator, aux):
-        """The auxiliary net's update when `optimizers` gives it no optimiser (the consistency target's EMA)."""
+    def update_aux(self, generator, aux, nimg):
+        """The auxiliary net's update when `optimizers` gives it no optimiser (the consistency target's EMA, the
+        progressive rounds' teacher), with `nimg` images seen once this iteration ends."""
         raise NotImplementedError
 
     def regularizer_due(self, step):

@@ -50,6 +50,6 @@ class ConsistencyDistillation(DistillationMethod):
         return loss.mean()
 
     @torch.no_grad()
-    def update_aux(self, generator, aux):
+    def update_aux(self, generator, aux, nimg):
         for target, online in zip(aux.parameters(), generator.parameters()):
             target.lerp_(online, 1 - self.target_ema)
