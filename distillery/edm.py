@@ -96,12 +96,18 @@ class StackedRandomGenerator:
 
 def seeded_latents(seeds, shape_chw, label_dim, device):
     """Latents and one-hot labels for `seeds`: latent first, then class index, from the seed's generator."""
+    return seeded_draws(seeds, shape_chw, label_dim, device)[:2]
+
+
+def seeded_draws(seeds, shape_chw, label_dim, device):
+    """(latents, one-hot labels or None, the per-seed generators) — later draws (a K-step sampler's noise) continue
+    each seed's own stream, so image i still depends only on seed i."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *shape_chw])
     if not label_dim:
-        return latents, None
+        return latents, None, rnd
     classes = rnd.randint(label_dim, size=[len(seeds)])
-    return latents, torch.eye(label_dim, device=device)[classes]
+    return latents, torch.eye(label_dim, device=device)[classes], rnd
 
 
 @torch.no_grad()

@@ -5,19 +5,19 @@ from typing import NamedTuple
 
 import torch
 
-from distillery.edm import heun_sampler, seeded_latents
+from distillery.edm import heun_sampler, seeded_draws
 from distillery.metrics import to_uint8
 
 
 def heun(net, num_steps):
     """The teacher: deterministic Heun from σ_max (2·num_steps − 1 denoiser calls)."""
-    return lambda latents, labels: heun_sampler(net, latents, labels, num_steps=num_steps)
+    return lambda latents, labels, noise=None: heun_sampler(net, latents, labels, num_steps=num_steps)
 
 
 def one_step(generator, sigma_init):
     """A one-step student: x = G(σ_init·z; σ_init) (SiD/SIM generator parametrisation)."""
     sigma = torch.tensor(sigma_init)
-    return lambda latents, labels: generator(
+    return lambda latents, labels, noise=None: generator(
         latents * sigma_init, sigma.to(latents.device).expand(len(latents)), labels
     )
 
@@ -35,10 +35,10 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     images, labels, seconds, nonfinite = [], [], 0.0, 0
     for start in range(0, len(seeds), batch):
-        latents, c = seeded_latents(seeds[start : start + batch], shape, label_dim, device)
+        latents, c, rnd = seeded_draws(seeds[start : start + batch], shape, label_dim, device)
         sync()
         t0 = time.perf_counter()
-        x = sampler(latents, c)
+        x = sampler(latents, c, lambda k, like, rnd=rnd: rnd.randn_like(like))  # a K-step sampler's noise, per seed
         sync()
         seconds += time.perf_counter() - t0
         nonfinite += int((~x.flatten(1).isfinite().all(1)).sum())

@@ -121,3 +121,16 @@ def test_the_reflected_rollouts_clip_every_prediction_to_the_data_range():
     gen = torch.Generator().manual_seed(2)
     noise = lambda k, like: torch.randn(like.shape, generator=gen)  # noqa: E731
     assert multistep(overshooting, levels, clip=(-1, 1))(z, None, noise).abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", ["dmd2", "cd", "pd"])
+def test_each_k_step_students_image_depends_only_on_its_seed(name):
+    from distillery.registry import METHODS
+    from distillery.sampling import generate
+
+    settings = {"dmd2": {"steps": 4}, "cd": {"steps": 4}, "pd": {"teacher_steps": 8, "steps": 4}}[name]
+    sampler = METHODS[name].build(**settings).sampler(tiny_edm(perturb=0.1).eval())
+    alone = generate(sampler, [7], [1, 8, 8]).images
+    batch = generate(sampler, [3, 7, 11], [1, 8, 8], batch=2).images
+    assert torch.equal(alone[0], batch[1])
+    assert not torch.equal(batch[0], batch[1])

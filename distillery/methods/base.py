@@ -14,6 +14,7 @@ import torch
 from distillery.augment import AugmentPipe
 from distillery.edm import broadcast_per_sample, edm_loss
 from distillery.layers import UNetBlock
+from distillery.sampling import one_step
 
 
 def finite_rows(x):
@@ -92,6 +93,10 @@ class DistillationMethod:
         """One-step sample x_g = G(σ_init·z; σ_init)."""
         sigma = torch.full([z.shape[0]], self.sigma_init, dtype=z.dtype, device=z.device)
         return generator(self.sigma_init * z, broadcast_per_sample(sigma, z), class_labels)
+
+    def sampler(self, generator):
+        """How a trained generator samples (`(latents, labels, noise) -> images`): one step from σ_init·z."""
+        return one_step(generator, self.sigma_init)
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
         raise NotImplementedError

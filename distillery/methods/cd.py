@@ -9,7 +9,7 @@ import torch
 
 from distillery.consistency import ConsistencyFunction, consistency_distillation_loss
 from distillery.edm import karras_sigmas
-from distillery.fewstep import student_sigmas
+from distillery.fewstep import multistep, student_sigmas
 from distillery.methods.base import DistillationMethod
 from distillery.registry import CDSettings
 
@@ -34,6 +34,10 @@ class ConsistencyDistillation(DistillationMethod):
 
     def consistency(self, net):
         return ConsistencyFunction(net, self.sigma_min, self.sigma_data)
+
+    def sampler(self, generator):
+        """Multistep consistency sampling at the K levels (§3.8)."""
+        return multistep(self.consistency(generator), self.levels)
 
     def generate(self, generator, z, class_labels=None):
         """One-step sample f_θ(σ_max·z, σ_max)."""

@@ -14,7 +14,7 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
 import torch
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
-from distillery.fewstep import choose_sources, rollout, student_sigmas, training_states
+from distillery.fewstep import choose_sources, multistep, rollout, student_sigmas, training_states
 from distillery.methods.base import FakeScoreMethod, eval_mode, finite_rows, frozen
 from distillery.registry import DMD2Settings
 
@@ -76,6 +76,10 @@ class DMD2(FakeScoreMethod):
                 )
         sigma = torch.full([z.shape[0]], float(self.levels[k]), dtype=z.dtype, device=z.device)
         return generator(x_k, broadcast_per_sample(sigma, z), class_labels)
+
+    def sampler(self, generator):
+        """K stochastic steps at DMD2's levels (§3.8), reflected when `reflect`."""
+        return multistep(generator, self.levels, clip=self.clip)
 
     def sigmas(self, low, high, like):
         t = torch.randint(low, high, [like.shape[0]], device=like.device)

@@ -10,6 +10,7 @@ import copy
 import torch
 
 from distillery.edm import karras_sigmas
+from distillery.fewstep import multistep
 from distillery.methods.base import DistillationMethod
 from distillery.progressive import progressive_loss
 from distillery.registry import PDSettings
@@ -44,6 +45,10 @@ class ProgressiveDistillation(DistillationMethod):
     def levels(self):
         """The final student's levels: every other level of the last round's teacher grid."""
         return self.grid(self.rounds - 1)[:-1:2]
+
+    def sampler(self, generator):
+        """The final student's K deterministic DDIM steps."""
+        return multistep(generator, self.levels(), deterministic=True)
 
     def make_aux(self, teacher):
         return RoundTeacher(copy.deepcopy(teacher).eval().requires_grad_(False))
