@@ -17,7 +17,7 @@ from pipeline.runtime import CHECKPOINT_DIR, distributed, fingerprint, kimg_bar,
 from distillery.checkpoint import load_config, load_network, save_network
 from distillery.data import load_dataset, load_labels
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics
-from distillery.sampling import generate, one_step
+from distillery.sampling import generate
 from distillery.training import DistillConfig, TrainingData, distill
 
 from stages.common import RUN_ARGUMENTS, feature_net, reference, study_run, study_run_tags
@@ -60,7 +60,7 @@ def fid_monitor(params, method, teacher, dev):
 
     def monitor(ema):
         samples = generate(
-            one_step(ema, method.sigma_init), seeds, shape, teacher.label_dim, batch=params.evaluation.batch, device=dev
+            method.sampler(ema), seeds, shape, teacher.label_dim, batch=params.evaluation.batch, device=dev
         )
         if samples.nonfinite:
             return float("inf")  # a blown-up generator: never "best", marked diverged in the report

@@ -5,7 +5,6 @@ from pipeline.runtime import device
 
 from distillery.checkpoint import load_config, load_network
 from distillery.metrics import load_stats_npz
-from distillery.sampling import one_step
 
 from stages.common import (
     RUN_ARGUMENTS,
@@ -25,6 +24,7 @@ from stages.skeleton import run_stage
 def run(params, args, run):
     e = params.evaluation
     name = f"{args.method}-{args.lr}"
+    method = params.method(args.method)  # how its student samples, and its NFE
     meta = load_config(run_dir(name))
     dev = device()
     teacher_stats = load_stats_npz(TEACHER_STATS)
@@ -34,7 +34,7 @@ def run(params, args, run):
         generator = load_network(run_dir(name), name=checkpoint, device=dev)
         shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
         results[checkpoint], samples, _ = measure(
-            one_step(generator, meta["sigma_init"]),
+            method.sampler(generator),
             shape,
             generator.label_dim,
             params,
@@ -49,7 +49,7 @@ def run(params, args, run):
         "run": name,
         "method": args.method,
         "lr": meta["lr"],
-        "nfe": 1,
+        "nfe": method.nfe,
         "kimg": meta["kimg"],
         "best_kimg": meta["best_kimg"],
         "seeds": f"0-{len(seeds) - 1}",

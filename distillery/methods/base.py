@@ -94,6 +94,8 @@ class DistillationMethod:
         sigma = torch.full([z.shape[0]], self.sigma_init, dtype=z.dtype, device=z.device)
         return generator(self.sigma_init * z, broadcast_per_sample(sigma, z), class_labels)
 
+    nfe = 1  # denoiser calls per sample
+
     def sampler(self, generator):
         """How a trained generator samples (`(latents, labels, noise) -> images`): one step from σ_init·z."""
         return one_step(generator, self.sigma_init)

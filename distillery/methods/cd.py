@@ -24,6 +24,7 @@ class ConsistencyDistillation(DistillationMethod):
         self.distance, self.huber_c, self.target_ema = s.distance, s.huber_c, s.target_ema
         self.grid = karras_sigmas(s.num_levels, s.sigma_min, s.sigma_max, s.rho)[:-1].flip(0)  # ascending
         self.levels = student_sigmas(s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho)
+        self.nfe = s.steps
 
     def make_aux(self, teacher):
         return copy.deepcopy(teacher).eval().requires_grad_(False)

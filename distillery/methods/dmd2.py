@@ -44,6 +44,7 @@ class DMD2(FakeScoreMethod):
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
         self.max_step = int(s.max_step_percent * s.num_train_timesteps)
         self.levels = student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init)
+        self.nfe = s.steps
         self.ddil, self.teacher_steps = s.ddil, s.teacher_steps
         self.clip = (-1.0, 1.0) if s.reflect else None
         self.needs_real_data = s.ddil is not None and s.ddil[0] > 0

@@ -37,6 +37,7 @@ class ProgressiveDistillation(DistillationMethod):
         self.teacher_steps, self.steps, self.round_nimg = s.teacher_steps, s.steps, s.round_kimg * 1000
         self.sigma_data, self.sigma_init = s.sigma_data, s.sigma_init
         self.rounds = (s.teacher_steps // s.steps).bit_length() - 1
+        self.nfe = s.steps
 
     def grid(self, round_index):
         """The round's teacher grid: n_r Karras levels from σ_max, then 0."""
