@@ -2,7 +2,14 @@
 
 import numpy as np
 
-from distillery.metrics import extract_features, fid_from_statistics, fid_statistics, inception_score, kid
+from distillery.metrics import (
+    extract_features,
+    fid_from_statistics,
+    fid_statistics,
+    inception_score,
+    kid,
+    precision_recall,
+)
 
 
 def image_set_metrics(
@@ -27,6 +34,8 @@ def image_set_metrics(
         "is_std": is_std,
         "kid": None,
         "kid_std": None,
+        "precision": None,
+        "recall": None,
         "num_samples": len(images_uint8),
     }
     if len(reference_features):  # published reference statistics come without features: no KID then
@@ -36,6 +45,8 @@ def image_set_metrics(
             feats[feature_net.fid_key], reference_features, subset_size=subset, subsets=kid_subsets
         )
         metrics["kid_subset_size"] = subset
+        # diversity beside quality (DDIL's claim): improved precision / recall, k = 3, in the same feature space
+        metrics["precision"], metrics["recall"] = precision_recall(feats[feature_net.fid_key], reference_features)
     if teacher_stats is not None:
         metrics["rel_fid"] = fid_from_statistics(stats, teacher_stats)
     return metrics, stats

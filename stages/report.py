@@ -24,6 +24,8 @@ COLUMNS = [
     "FID std",
     "IS",
     "KID",
+    "precision",
+    "recall",
     "rel-FID",
     "images/s",
     "kimg",
@@ -47,6 +49,8 @@ def teacher_row(m):
         "FID std": m["fid_std"],
         "IS": m["is"],
         "KID": m["kid"],
+        "precision": m.get("precision"),
+        "recall": m.get("recall"),
         "rel-FID": 0.0,
         "images/s": m["images_per_s"],
         "kimg": None,
@@ -73,6 +77,8 @@ def student_row(m, train, factor):
         "FID std": m["fid_std"],
         "IS": m["is"],
         "KID": m["kid"],
+        "precision": m.get("precision"),
+        "recall": m.get("recall"),
         "rel-FID": m["rel_fid"],
         "images/s": m["images_per_s"],
         "kimg": m["kimg"],
@@ -140,6 +146,8 @@ def formatted(table, protocol):
         ("FID (last)", "{:.3f}"),
         ("IS", "{:.2f}"),
         ("KID", "{:.4g}"),
+        ("precision", "{:.3f}"),
+        ("recall", "{:.3f}"),
         ("rel-FID", "{:.3f}"),
         ("images/s", "{:.0f}"),
         ("kimg", "{:g}"),
@@ -236,7 +244,8 @@ def markdown(table, params, teacher, n_real, protocol, teacher_stage):
                 if protocol["extractor"] == "distillery-digits"
                 else ""
             )
-            + f"; IS over {e.is_splits} splits; {kid_text(params, teacher)}. rel-FID: FID against the "
+            + f"; IS over {e.is_splits} splits; {kid_text(params, teacher)}; precision and recall: improved "
+            f"precision/recall (k = 3) against the real features. rel-FID: FID against the "
             f"teacher's own samples (same seeds). Images/s measured at batch {e.batch} on {teacher['device']}.",
             "",
             f"- {conditioning_text(teacher)}",
