@@ -107,3 +107,17 @@ def test_k_step_dmd2_trains_deterministically_with_and_without_ddil(ddil):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(v.isfinite().all() for v in runs[0].values())
     assert any(not torch.equal(runs[0][k], teacher.state_dict()[k]) for k in runs[0])
+
+
+def test_the_fake_score_sees_samples_of_the_generator_in_train_mode():
+    modes = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, sigma, labels=None):
+            modes.append(self.training)
+            return 0.5 * x
+
+    generator = Recorder().train()
+    fake = gaussian(torch.zeros(4, dtype=F64), 1.0)
+    DMD2().aux_loss(generator, fake, torch.randn(8, 4, dtype=F64))
+    assert modes == [True]

@@ -15,7 +15,7 @@ import torch
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
 from distillery.fewstep import choose_sources, multistep, rollout, student_sigmas, training_states
-from distillery.methods.base import FakeScoreMethod, eval_mode, finite_rows, frozen
+from distillery.methods.base import FakeScoreMethod, finite_rows, frozen
 from distillery.registry import DMD2Settings
 
 
@@ -98,7 +98,8 @@ class DMD2(FakeScoreMethod):
         return distribution_matching_loss(x_g, d_teacher, d_fake)
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
-        with torch.no_grad(), eval_mode(generator):
+        # the reference trains the fake score on the samples of G in train mode (its loop never switches to eval)
+        with torch.no_grad():
             x_g = self.generate(generator, z, class_labels, real)
         keep = finite_rows(x_g)
         x_g, class_labels = x_g[keep], None if class_labels is None else class_labels[keep]
