@@ -47,13 +47,14 @@ def heun_step(teacher, x, sigma_from, sigma_to, class_labels=None):
     return x + (sigma_to - sigma_from) * (d + d_next) / 2
 
 
-def consistency_distillation_loss(f, f_target, teacher, x0, sigmas, class_labels=None, c=None):
+def consistency_distillation_loss(f, f_target, teacher, x0, sigmas, class_labels=None, c=None, states=None):
     """Per-sample CD loss: d(f_θ(x_{n+1}, σ_{n+1}), f_θ⁻(Heun(x_{n+1}; σ_{n+1} → σ_n), σ_n)), n uniform over the
-    adjacent pairs of `sigmas` (ascending); pseudo-Huber with constant c, or L2 when c is None."""
+    adjacent pairs of `sigmas` (ascending); pseudo-Huber with constant c, or L2 when c is None. x_{n+1} is
+    x_0 + σ_{n+1}·z, or `states(σ_{n+1})` (DDIL's mixture, one σ per sample)."""
     sigmas = torch.as_tensor(sigmas, dtype=x0.dtype, device=x0.device)
     n = torch.randint(len(sigmas) - 1, [len(x0)], device=x0.device)
     lo, hi = broadcast_per_sample(sigmas[n], x0), broadcast_per_sample(sigmas[n + 1], x0)
-    x_hi = x0 + hi * torch.randn_like(x0)
+    x_hi = x0 + hi * torch.randn_like(x0) if states is None else states(sigmas[n + 1])
     with torch.no_grad():
         target = f_target(heun_step(teacher, x_hi, hi, lo, class_labels), lo, class_labels)
     online = f(x_hi, hi, class_labels)

@@ -73,17 +73,39 @@ def teacher_rollout(teacher, sigma_from, sigma_to, x, labels=None, steps=8, clip
     return x
 
 
+def student_state(student, levels, sigma, z, labels=None, deterministic=False, clip=None):
+    """The student's own state at σ (≤ σ_0): its rollout to the last of its levels above σ, that level's x̂ taken on
+    to σ by the sampler's step (at σ = σ_k exactly the state its sampler visits at level k)."""
+    j = int((torch.as_tensor(levels) > sigma).sum())  # levels strictly above σ; ≥ 1 since σ < σ_0
+    noise = lambda i, like: torch.randn_like(like)  # noqa: E731
+    x = rollout(student, levels, j - 1, z, labels, noise, deterministic, clip)
+    denoised = denoise(student, x, levels[j - 1], labels, clip)
+    step = (x - denoised) / float(levels[j - 1]) if deterministic else torch.randn_like(denoised)
+    return denoised + sigma * step
+
+
 @torch.no_grad()
-def training_states(
-    k, levels, z, sources, *, student, teacher=None, real=None, labels=None, clip=None, teacher_steps=8
+def states_at(
+    sigma,
+    z,
+    sources,
+    *,
+    levels,
+    student,
+    teacher=None,
+    real=None,
+    labels=None,
+    clip=None,
+    rollout_steps=8,
+    deterministic=False,
 ):
-    """The states x_k at level σ_k a K-step student trains on, one per sample from its source (DDIL, §3.6):
-    data — real + σ_k·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to σ_k;
-    student — the student's own rollout from σ_0·z (backward simulation). At k = 0 every source is pure noise σ_0·z."""
-    x = z * float(levels[0])
-    if k == 0:
-        return x
-    sigma = float(levels[k])
+    """The states at level σ a K-step student trains on, one per sample from its source (DDIL, §3.6):
+    data — real + σ·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to σ;
+    student — the student's own rollout from σ_0·z (backward simulation). At σ ≥ σ_0 every source is pure noise σ·z."""
+    sigma = float(sigma)
+    if sigma >= float(levels[0]):
+        return z * sigma
+    x = torch.empty_like(z)
     for index, name in enumerate(SOURCES):
         rows = (sources == index).nonzero().flatten()
         if not len(rows):
@@ -92,8 +114,76 @@ def training_states(
         if name == "data":
             x[rows] = real[rows] + sigma * torch.randn_like(real[rows])
         elif name == "teacher":
-            x[rows] = teacher_rollout(teacher, float(levels[0]), sigma, x[rows], part, teacher_steps, clip)
+            x[rows] = teacher_rollout(
+                teacher, float(levels[0]), sigma, z[rows] * float(levels[0]), part, rollout_steps, clip
+            )
         else:
-            noise = lambda j, like: torch.randn_like(like)  # noqa: E731
-            x[rows] = rollout(student, levels, k, z[rows], part, noise, clip=clip)
+            x[rows] = student_state(student, levels, sigma, z[rows], part, deterministic, clip)
     return x
+
+
+@torch.no_grad()
+def mixed_states(sigma, z, sources, **kwargs):
+    """`states_at` with one σ per sample ([B]), grouped by level."""
+    x = torch.empty_like(z)
+    for level in sigma.unique():
+        rows = (sigma == level).nonzero().flatten()
+        real, labels = kwargs.get("real"), kwargs.get("labels")
+        x[rows] = states_at(
+            level,
+            z[rows],
+            sources[rows],
+            **{
+                **kwargs,
+                "real": None if real is None else real[rows],
+                "labels": None if labels is None else labels[rows],
+            },
+        )
+    return x
+
+
+class FewStepStudent:
+    """What the K-step methods share: their levels and sampler (§3.8) and the states they train on (§3.6).
+
+    `base_source` is where the plain method's states come from (DMD2: the student's backward simulation; CD and PD:
+    the forward-diffused data); DDIL replaces it by the mixture `ddil`."""
+
+    base_source = "data"
+    deterministic = False  # PD samples with DDIM steps
+
+    def fewstep_setup(self, settings, levels):
+        self.levels, self.nfe = levels, settings.steps
+        self.clip = (-1.0, 1.0) if settings.reflect else None
+        self.rollout_steps = settings.rollout_steps
+        self.weights = settings.ddil or tuple(float(name == self.base_source) for name in SOURCES)
+        self.needs_real_data = self.weights[0] > 0
+        self.teacher = None  # set by make_aux: DDIL's teacher states roll the teacher out
+
+    def student(self, generator):
+        """The network the sampler calls at each level (CD: the consistency function around G)."""
+        return generator
+
+    def sampler(self, generator):
+        """K steps at the student's levels, stochastic or DDIM, reflected when `reflect`."""
+        return multistep(self.student(generator), self.levels, self.deterministic, self.clip)
+
+    def states(self, sigma, generator, z, real=None, labels=None, levels=None):
+        """Training states at σ ([B] or a number) from the method's mixture of sources; `levels`: the student's
+        levels for its own rollouts (default: its sampling levels)."""
+        if sum(w > 0 for w in self.weights) == 1:  # one source: no draw, so the plain method's RNG stream is its own
+            sources = torch.full([len(z)], max(range(len(SOURCES)), key=self.weights.__getitem__), device=z.device)
+        else:
+            sources = choose_sources(len(z), self.weights).to(z.device)
+        kwargs = dict(
+            levels=self.levels if levels is None else levels,
+            student=self.student(generator),
+            teacher=self.teacher,
+            real=real,
+            labels=labels,
+            clip=self.clip,
+            rollout_steps=self.rollout_steps,
+            deterministic=self.deterministic,
+        )
+        if torch.as_tensor(sigma).numel() == 1:
+            return states_at(float(sigma), z, sources, **kwargs)
+        return mixed_states(torch.as_tensor(sigma).flatten(), z, sources, **kwargs)

@@ -23,13 +23,14 @@ def two_step_target(teacher, x, sigma, sigma_mid, sigma_next, class_labels=None)
     return (end - ratio * x) / (1 - ratio)
 
 
-def progressive_loss(student, teacher, x0, grid, class_labels=None, sigma_data=0.5):
+def progressive_loss(student, teacher, x0, grid, class_labels=None, sigma_data=0.5, states=None):
     """Per-sample λ(σ)·‖D_student(x; σ) − x̃‖², σ = grid[2i] with i uniform over the student's N steps; `grid` is the
-    teacher's descending 2N + 1 levels ending in 0; λ is EDM's weight (σ² + σ_d²)/(σ·σ_d)²."""
+    teacher's descending 2N + 1 levels ending in 0; λ is EDM's weight (σ² + σ_d²)/(σ·σ_d)². x is x_0 + σ·ε, or
+    `states(σ)` (DDIL's mixture, one σ per sample)."""
     grid = torch.as_tensor(grid, dtype=x0.dtype, device=x0.device)
     i = 2 * torch.randint((len(grid) - 1) // 2, [len(x0)], device=x0.device)
     sigma, mid, nxt = (broadcast_per_sample(grid[i + j], x0) for j in range(3))
-    x = x0 + sigma * torch.randn_like(x0)
+    x = x0 + sigma * torch.randn_like(x0) if states is None else states(grid[i])
     with torch.no_grad():
         target = two_step_target(teacher, x, sigma, mid, nxt, class_labels)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2

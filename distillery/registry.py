@@ -101,20 +101,15 @@ class GDDSettings(Settings):
     encoder_sigma: PosFloat = 0.2
 
 
-class DMD2Settings(Settings):
-    """docs/methods.md §3.5 (tianweiy/DMD2, EDM ImageNet-64 setting)."""
+class FewStepSettings(Settings):
+    """What every K-step student has (docs/methods.md §3.8, §3.6); in the `fewstep` study `steps`, `ddil` and
+    `reflect` come from the run (its K and variant)."""
 
-    sigma_init: PosFloat = 80.0  # DMD2's conditioning_sigma: G(80·z; 80)
-    sigma_data: PosFloat = 0.5
-    num_train_timesteps: Annotated[int, Field(gt=1)] = 1000  # the Karras grid both losses draw σ from
-    min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
-    max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
-    fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
-    steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps, at DMD2's levels (distillery/fewstep.py)
-    # DDIL (§3.6): the training states' mixture (β_data, β_teacher, β_student); None: backward simulation only
+    steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps
+    # DDIL: the training states' mixture ∝ (β_data, β_teacher, β_student); None: the method's own states only
     ddil: tuple[NonNegative, NonNegative, NonNegative] | None = None
     reflect: bool = False  # clip the x̂ of rollouts and sampling to the data range [-1, 1]
-    teacher_steps: Annotated[int, Field(ge=1)] = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)
+    rollout_steps: Annotated[int, Field(ge=1)] = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)
 
     @model_validator(mode="after")
     def ddil_has_weight(self):
@@ -123,7 +118,18 @@ class DMD2Settings(Settings):
         return self
 
 
-class CDSettings(Settings):
+class DMD2Settings(FewStepSettings):
+    """docs/methods.md §3.5 (tianweiy/DMD2, EDM ImageNet-64 setting)."""
+
+    sigma_init: PosFloat = 80.0  # DMD2's conditioning_sigma: G(80·z; 80)
+    sigma_data: PosFloat = 0.5
+    num_train_timesteps: Annotated[int, Field(gt=1)] = 1000  # the Karras grid both losses draw σ from
+    min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
+    max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
+    fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
+
+
+class CDSettings(FewStepSettings):
     """docs/methods.md §3.9 (Song et al. 2023, CIFAR-10: N = 18 levels, EMA target μ = 0.95)."""
 
     sigma_min: PosFloat = 0.002
@@ -134,14 +140,12 @@ class CDSettings(Settings):
     distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: PosFloat | None = None  # None: 0.00054·√d (iCT)
     target_ema: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    steps: Annotated[int, Field(ge=1)] = 1  # K: sampling steps at DMD2's levels (§3.8)
 
 
-class PDSettings(Settings):
+class PDSettings(FewStepSettings):
     """docs/methods.md §3.10: rounds from `teacher_steps` DDIM steps down to `steps`, `round_kimg` each."""
 
     teacher_steps: Annotated[int, Field(ge=2)] = 16
-    steps: Annotated[int, Field(ge=1)] = 1
     round_kimg: PosFloat = 10
     sigma_data: PosFloat = 0.5
     sigma_init: PosFloat = 80.0  # σ_max of the Karras grids

@@ -10,7 +10,7 @@ from pipeline.params import ParamsError, load_params
 
 def cmd_validate(args):
     params = load_params(args.params)
-    runs = ", ".join(name for _, _, name in params.runs())
+    runs = ", ".join(run.name for run in params.runs())
     print(f"{args.params}: valid (profile {params.profile}; runs: {runs})")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -25,13 +25,23 @@ from ruamel.yaml.error import YAMLError
 
 from pipeline.preference_params import PreferenceParams
 
-from distillery.registry import DIGITS, EXTRACTORS, INCEPTION, INCEPTION_SHA256, INCEPTION_URL, METHODS
+from distillery.registry import (
+    DIGITS,
+    EXTRACTORS,
+    INCEPTION,
+    INCEPTION_SHA256,
+    INCEPTION_URL,
+    METHODS,
+    FewStepSettings,
+)
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 MethodName = Literal[tuple(METHODS)]
+FewStepName = Literal[tuple(name for name, m in METHODS.items() if issubclass(m.settings, FewStepSettings))]
 
 
 class Section(BaseModel):
@@ -217,24 +227,68 @@ def positive_number(value):
 LearningRate = Annotated[int | float | str, AfterValidator(positive_number)]
 
 
+def unique(values):
+    if len(set(values)) != len(values):
+        raise ValueError(f"entries must be unique, got {values}")
+    return values
+
+
 class StudyParams(Section):
     methods: list[MethodName] = Field(default=["sid"], min_length=1)
     # kept as written: DVC names the stages after the rendered value (distill@sid-1e-4)
     lrs: list[LearningRate] = Field(default=["1e-4", "3e-5"], min_length=1)
 
-    @field_validator("methods")
-    @classmethod
-    def unique_methods(cls, values):
-        if len(set(values)) != len(values):
-            raise ValueError(f"entries must be unique, got {values}")
-        return values
+    _unique = field_validator("methods")(unique)
 
     @field_validator("lrs")
     @classmethod
     def unique_lrs(cls, values):
-        if len({float(v) for v in values}) != len(values):
-            raise ValueError(f"entries must be unique, got {values}")
+        unique([float(v) for v in values])
         return values
+
+
+class FewStepParams(Section):
+    """The few-step study (docs/methods.md §3.6, §3.8): one run per method × lr × K × variant. `plain` trains on the
+    method's own states (DMD2: backward simulation; CD, PD: the forward-diffused data); `ddil` on DDIL's mixture
+    ∝ `ddil` (β_data, β_teacher, β_student), reflected when `reflect`. Empty `methods`: no few-step runs."""
+
+    methods: list[FewStepName] = []
+    lrs: list[LearningRate] = Field(default=["1e-4"], min_length=1)
+    steps: list[PosInt] = Field(default=[1, 2, 4], min_length=1)
+    variants: list[Literal["plain", "ddil"]] = Field(default=["plain", "ddil"], min_length=1)
+    ddil: tuple[NonNegative, NonNegative, NonNegative] = (1.0, 1.0, 1.0)  # unpublished: equal weights are ours
+    reflect: bool = True
+
+    _unique = field_validator("methods", "steps", "variants")(unique)
+
+    @field_validator("lrs")
+    @classmethod
+    def unique_lrs(cls, values):
+        unique([float(v) for v in values])
+        return values
+
+    @field_validator("ddil")
+    @classmethod
+    def some_weight(cls, values):
+        if not sum(values) > 0:
+            raise ValueError(f"the weights must not all be 0, got {values}")
+        return values
+
+
+class Run(NamedTuple):
+    """One distillation run: `name` is its DVC matrix suffix (distill@sid-3e-4, distill_fewstep@cd-1e-4-2-ddil)."""
+
+    method: str
+    lr: float
+    name: str
+    lr_text: str  # as written in params.yaml
+    steps: int | None = None  # few-step runs: K and the training states' variant
+    variant: str | None = None
+
+    @property
+    def stage(self):
+        """The DVC stage name of its distillation (evaluate_… for its evaluation)."""
+        return "distill" if self.steps is None else "distill_fewstep"
 
 
 Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
@@ -301,6 +355,7 @@ class Params(MethodSections):
     features: FeaturesParams = FeaturesParams()
     evaluation: EvaluationParams = EvaluationParams()
     study: StudyParams = StudyParams()
+    fewstep: FewStepParams = FewStepParams()
     distill: DistillParams = DistillParams()
     report: ReportParams = ReportParams()
     preference: PreferenceParams = PreferenceParams()
@@ -337,13 +392,45 @@ class Params(MethodSections):
                 )
         return self
 
-    def method(self, name):
-        """The method object of study entry `name`, built from its settings section."""
-        return METHODS[name].build(getattr(self, name))
+    @model_validator(mode="after")
+    def fewstep_settings_valid(self):
+        # every K × variant must make a valid method (PD: teacher_steps / K a power of 2) before any run starts
+        for run in self.runs():
+            if run.steps is not None:
+                try:
+                    METHODS[run.method].settings(**self.settings(run))
+                except ValidationError as e:
+                    raise ValueError(f"fewstep run {run.name}: {e.errors()[0]['msg']}") from None
+        return self
+
+    def settings(self, run):
+        """The method settings of `run`: its section, with a few-step run's K and variant."""
+        settings = getattr(self, run.method).model_dump()
+        if run.steps is not None:
+            ddil = run.variant == "ddil"
+            settings.update(
+                steps=run.steps, ddil=self.fewstep.ddil if ddil else None, reflect=ddil and self.fewstep.reflect
+            )
+        return settings
+
+    def method(self, run):
+        """The method object of `run` (a Run or a method's name), built from its settings."""
+        if isinstance(run, str):
+            return METHODS[run].build(getattr(self, run))
+        return METHODS[run.method].build(**self.settings(run))
 
     def runs(self):
-        """(method, lr, run name) of every distillation run; the name is the DVC matrix suffix."""
-        return [(m, float(lr), f"{m}-{lr}") for m in self.study.methods for lr in self.study.lrs]
+        """Every distillation run: the study's method × lr, then the few-step study's method × lr × K × variant."""
+        study = [Run(m, float(lr), f"{m}-{lr}", str(lr)) for m in self.study.methods for lr in self.study.lrs]
+        f = self.fewstep
+        fewstep = [
+            Run(m, float(lr), f"{m}-{lr}-{k}-{v}", str(lr), k, v)
+            for m in f.methods
+            for lr in f.lrs
+            for k in f.steps
+            for v in f.variants
+        ]
+        return study + fewstep
 
 
 class ParamsError(Exception):

@@ -231,9 +231,13 @@ def print_plan(project_root, profile_path, params, measure=True):
     e = params.evaluation
     nfe, samples = 2 * e.teacher_steps - 1, e.num_samples * e.fid_trials
     sampling = heun_per_sample * samples / 3600
-    # students: best and last checkpoint of every run, one denoiser call per sample
-    students = heun_per_sample / nfe * samples * 2 * len(params.runs()) / 3600
+    # students: best and last checkpoint of every run, K denoiser calls per sample (1 for one-step runs)
+    calls = sum(run.steps or 1 for run in params.runs())
+    students = heun_per_sample / nfe * samples * 2 * calls / 3600
     total += sampling + students
     print(f"  {f'teacher samples: {samples} × NFE {nfe}':<62} {sampling:12.1f}")
-    print(f"  {f'student samples: {samples} × 2 checkpoints × {len(params.runs())} runs':<62} {students:12.1f}")
+    print(f"  {f'student samples: {samples} × 2 checkpoints × {calls} NFE over all runs':<62} {students:12.1f}")
+    fewstep = [run.name for run in params.runs() if run.steps is not None]
+    if fewstep:
+        print(f"  few-step runs ({len(fewstep)}): their training is not timed here")
     print(f"  {'total device-hours (split over --gpus; FID features not included)':<62} {total:12.1f}")

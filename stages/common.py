@@ -16,29 +16,37 @@ from distillery.sampling import generate, image_grid
 from stages.paths import FEATURES_DIR, REFERENCE_FEATURES, REFERENCE_STATS
 from stages.skeleton import InvalidInput, StageFailed
 
-# the arguments of the stages of one study run (distill@<method>-<lr>, evaluate@<method>-<lr>)
-RUN_ARGUMENTS = {
-    "--method": "a method of study.methods",
-    "--lr": "a learning rate of study.lrs, as written in params.yaml",
-}
+# the argument of the stages of one distillation run (distill@<run>, evaluate@<run>, and their _fewstep twins)
+RUN_ARGUMENTS = {"--run": "a run of params.yaml: <method>-<lr> (study) or <method>-<lr>-<K>-<variant> (fewstep)"}
 
 
-def study_run(params, args):
-    """The run's name `<method>-<lr>`, as DVC's matrix renders it; refused unless params.yaml defines it."""
-    runs = [name for _, _, name in params.runs()]
-    name = f"{args.method}-{args.lr}"
+def find_run(params, name):
+    """The run `name`, refused unless params.yaml defines it."""
+    runs = {r.name: r for r in params.runs()}
     if name not in runs:
-        raise InvalidInput(f"{name} is not a run of study.methods × study.lrs ({', '.join(runs)})")
+        raise InvalidInput(
+            f"{name} is not a run of study.methods × study.lrs or of fewstep.methods × lrs × steps × variants "
+            f"({', '.join(runs)})"
+        )
+    return runs[name]
+
+
+def run_stage_name(stage):
+    """The DVC name of `stage` for the run of `--run` (distill@sid-3e-4, distill_fewstep@cd-1e-4-2-ddil)."""
+
+    def name(params, args):
+        run = find_run(params, args.run)
+        return f"{stage}{'' if run.steps is None else '_fewstep'}@{run.name}"
+
     return name
 
 
-def study_run_tags(params, args):
-    return {
-        "method": args.method,
-        "lr": args.lr,
-        "batch": params.distill.for_method(args.method).batch,
-        "seed": params.seed,
-    }
+def run_tags(params, args):
+    run = find_run(params, args.run)
+    tags = {"method": run.method, "lr": run.lr_text, "batch": params.distill.for_method(run.method).batch}
+    if run.steps is not None:
+        tags.update(steps=run.steps, ddil=run.variant == "ddil")
+    return {**tags, "seed": params.seed}
 
 
 def feature_net():

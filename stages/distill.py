@@ -1,4 +1,5 @@
-"""Stage `distill@<method>-<lr>`: one distillation run of the study, resumable, FID over training.
+"""Stage `distill@<method>-<lr>` (and `distill_fewstep@<method>-<lr>-<K>-<variant>`): one distillation run,
+resumable, FID over training.
 
 Under `torchrun` (more than one GPU for the stage) every rank trains its share of the batch shards
 and rank 0 alone monitors, logs and writes the outputs.
@@ -20,7 +21,7 @@ from distillery.metrics import extract_features, fid_from_statistics, fid_statis
 from distillery.sampling import generate
 from distillery.training import DistillConfig, TrainingData, distill
 
-from stages.common import RUN_ARGUMENTS, feature_net, reference, study_run, study_run_tags
+from stages.common import RUN_ARGUMENTS, feature_net, find_run, reference, run_stage_name, run_tags
 from stages.paths import DATASET, TEACHER_DIR, distill_metrics, fid_curve, run_dir
 from stages.skeleton import run_stage
 
@@ -121,10 +122,10 @@ def write_outputs(o):
 
 
 def run(params, args, run):
-    name = f"{args.method}-{args.lr}"
-    lr = dict((run_name, lr) for _, lr, run_name in params.runs())[name]
-    method = params.method(args.method)
-    config = training_config(params, args.method, lr)
+    this = find_run(params, args.run)
+    name, lr = this.name, this.lr
+    method = params.method(this)
+    config = training_config(params, this.method, lr)
     with distributed() as (rank, dev):
         teacher = load_network(TEACHER_DIR, device=dev)
         seed_everything(params.seed)
@@ -149,7 +150,7 @@ def run(params, args, run):
             return value
 
         checkpoint = CHECKPOINT_DIR / f"distill-{name}.pt"
-        settings = getattr(params, args.method).model_dump()
+        settings = params.settings(this)
         start = time.perf_counter()
         result = distill(
             method,
@@ -164,8 +165,8 @@ def run(params, args, run):
                 {
                     "seed": params.seed,
                     "lr": lr,
-                    "method": args.method,
-                    "distill": params.distill.for_method(args.method).model_dump(),
+                    "method": this.method,
+                    "distill": params.distill.for_method(this.method).model_dump(),
                     "method_params": settings,
                 },
                 [TEACHER_DIR],
@@ -178,8 +179,8 @@ def run(params, args, run):
             summary = write_outputs(
                 Outcome(
                     name,
-                    args.method,
-                    args.lr,
+                    this.method,
+                    this.lr_text,
                     lr,
                     method.sigma_init,
                     settings.get("augment_p", 0.0),
@@ -197,4 +198,4 @@ def run(params, args, run):
 
 
 if __name__ == "__main__":
-    run_stage("distill", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=study_run, tags=study_run_tags)
+    run_stage("distill", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=run_stage_name("distill"), tags=run_tags)

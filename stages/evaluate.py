@@ -1,30 +1,37 @@
-"""Stage `evaluate@<method>-<lr>`: FID, IS, KID, rel-FID, NFE and images/s of a distilled generator."""
+"""Stage `evaluate@<run>` (and `evaluate_fewstep@<run>`): FID, IS, KID, precision, recall, rel-FID, NFE and
+images/s of a distilled generator."""
+
+import torch
 
 from pipeline.io import write_json
 from pipeline.runtime import device
 
 from distillery.checkpoint import load_config, load_network
+from distillery.data import load_dataset
 from distillery.metrics import load_stats_npz
+from distillery.shift import covariate_shift
 
 from stages.common import (
     RUN_ARGUMENTS,
     feature_net,
+    find_run,
     measure,
     protocol,
+    run_stage_name,
+    run_tags,
     save_grid,
     save_samples,
     seed_blocks,
-    study_run,
-    study_run_tags,
 )
-from stages.paths import GRIDS, TEACHER_STATS, eval_metrics, run_dir, student_samples
+from stages.paths import DATASET, GRIDS, TEACHER_DIR, TEACHER_STATS, eval_metrics, run_dir, student_samples
 from stages.skeleton import run_stage
 
 
 def run(params, args, run):
     e = params.evaluation
-    name = f"{args.method}-{args.lr}"
-    method = params.method(args.method)  # how its student samples, and its NFE
+    this = find_run(params, args.run)
+    name = this.name
+    method = params.method(this)  # how its student samples, and its NFE
     meta = load_config(run_dir(name))
     dev = device()
     teacher_stats = load_stats_npz(TEACHER_STATS)
@@ -45,9 +52,28 @@ def run(params, args, run):
             save_samples(student_samples(name), samples.images, seeds, samples.labels)
             save_grid(GRIDS / f"{name}.png", samples.images, e.grid_size)
 
+    shift = None
+    if this.steps is not None:  # a few-step student: how far its inference states are from its training states
+        images, labels, _ = load_dataset(DATASET)
+        label_dim = generator.label_dim
+        one_hot = torch.eye(label_dim)[torch.from_numpy(labels)] if label_dim else None
+        shift = covariate_shift(
+            method,
+            load_network(run_dir(name), name="best", device=dev),
+            load_network(TEACHER_DIR, device=dev),
+            torch.from_numpy(images).to(dev),
+            None if one_hot is None else one_hot.to(dev),
+            feature_net(),
+            e.num_samples,
+            seed=params.seed,
+            batch=e.batch,
+        )
+
     summary = {
         "run": name,
-        "method": args.method,
+        "method": this.method,
+        "steps": this.steps,
+        "variant": this.variant,
         "lr": meta["lr"],
         "nfe": method.nfe,
         "kimg": meta["kimg"],
@@ -60,6 +86,7 @@ def run(params, args, run):
         "fid_last_std": results["last"]["fid_std"],
         "rel_fid_last": results["last"]["rel_fid"],
         "protocol": protocol(params, feature_net()),
+        "covariate_shift": shift,
     }
     write_json(eval_metrics(name), summary)
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -67,4 +94,4 @@ def run(params, args, run):
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=study_run, tags=study_run_tags)
+    run_stage("evaluate", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=run_stage_name("evaluate"), tags=run_tags)

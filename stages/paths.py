@@ -13,6 +13,9 @@ GRIDS = Path("reports/grids")
 RESULTS_MD = "reports/results.md"
 RESULTS_CSV = "reports/results.csv"
 LR_FIGURE = "reports/lr_robustness.png"
+FEWSTEP_FIGURE = "reports/fewstep.png"
+SHIFT_FIGURE = "reports/covariate_shift.png"
+SHIFT_CSV = "reports/covariate_shift.csv"
 PREFERENCE_REPORT = "reports/preference.md"
 
 

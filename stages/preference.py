@@ -81,7 +81,7 @@ def pair_of(params, args):
 
 def instance(params, args):
     # DVC's foreach over the list of pairs names the stage preference@<index>
-    return str(params.preference.pairs.index(pair_of(params, args)))
+    return f"preference@{params.preference.pairs.index(pair_of(params, args))}"
 
 
 def tags(params, args):

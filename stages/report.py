@@ -12,11 +12,24 @@ from pipeline.published import published_rows
 
 from distillery.registry import METHODS
 
-from stages.paths import LR_FIGURE, RESULTS_CSV, RESULTS_MD, distill_metrics, eval_metrics, fid_curve, metrics
+from stages.paths import (
+    FEWSTEP_FIGURE,
+    LR_FIGURE,
+    RESULTS_CSV,
+    RESULTS_MD,
+    SHIFT_CSV,
+    SHIFT_FIGURE,
+    distill_metrics,
+    eval_metrics,
+    fid_curve,
+    metrics,
+)
+from stages.report_fewstep import fewstep_figure, fewstep_frame, shift_figure, shift_frame, shift_table
 from stages.skeleton import StageFailed, run_stage
 
 COLUMNS = [
     "method",
+    "states",
     "lr",
     "batch",
     "NFE",
@@ -42,6 +55,7 @@ def read_json(path):
 def teacher_row(m):
     return {
         "method": f"teacher (EDM Heun, {m['steps']} steps)",
+        "states": None,
         "lr": None,
         "batch": None,
         "NFE": m["nfe"],
@@ -67,9 +81,21 @@ def status(train, evaluation, factor):
     return "diverged" if blew_up or ran_away else "ok"
 
 
-def student_row(m, train, factor):
+def states_text(run, params):
+    """Where a few-step student's training states came from (empty for one-step runs)."""
+    if run.steps is None:
+        return None
+    if run.variant == "ddil":
+        return (
+            "DDIL " + ":".join(f"{b:g}" for b in params.fewstep.ddil) + (" reflected" if params.fewstep.reflect else "")
+        )
+    return "backward sim." if run.method == "dmd2" else "diffused data"
+
+
+def student_row(m, train, factor, states=None):
     return {
         "method": METHODS[m["method"]].display,
+        "states": states,
         "lr": m["lr"],
         "batch": train["batch"],
         "NFE": m["nfe"],
@@ -100,12 +126,17 @@ def common_protocol(named_metrics):
 def results_table(params):
     teacher = read_json(metrics("teacher_samples"))
     # exactly the runs of the current study: files left by runs removed from params.yaml are ignored
-    evals = {name: read_json(eval_metrics(name)) for _, _, name in params.runs()}
+    runs = params.runs()
+    evals = {run.name: read_json(eval_metrics(run.name)) for run in runs}
     protocol = common_protocol({"teacher": teacher, **evals})
     rows = [teacher_row(teacher)]
-    for name, m in evals.items():
-        rows.append(student_row(m, read_json(distill_metrics(name)), params.report.diverged_factor))
-    return pd.DataFrame(rows, columns=COLUMNS), protocol
+    for run in runs:
+        train = read_json(distill_metrics(run.name))
+        rows.append(student_row(evals[run.name], train, params.report.diverged_factor, states_text(run, params)))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if not params.fewstep.methods:
+        table = table.drop(columns="states")
+    return table, protocol, evals
 
 
 def lr_robustness_figure(params, path):
@@ -210,9 +241,11 @@ def augmentation_text(params, teacher_stage):
     if "augment_p" in teacher_stage:
         teacher = f"p = {teacher_stage['augment_p']:g}" if teacher_stage["augment_p"] else "none"
     by_method = {}  # method -> p -> the lrs (as written) that trained with it
-    for method, _, name in params.runs():
-        p = read_json(distill_metrics(name)).get("augment_p", 0.0)
-        by_method.setdefault(METHODS[method].display, {}).setdefault(p, []).append(name.removeprefix(method + "-"))
+    for run in params.runs():
+        p = read_json(distill_metrics(run.name)).get("augment_p", 0.0)
+        by_method.setdefault(METHODS[run.method].display, {}).setdefault(p, []).append(
+            run.name.removeprefix(run.method + "-")
+        )
     what = "EDM's non-leaking geometric pipeline with probability p, its labels conditioning the augment map"
     if teacher == "none" and not any(p for ps in by_method.values() for p in ps):
         return f"Augmentation ({what}): none, for the teacher and every student."
@@ -226,10 +259,37 @@ def augmentation_text(params, teacher_stage):
     )
 
 
-def markdown(table, params, teacher, n_real, protocol, teacher_stage):
+def fewstep_section(params, shift):
+    if not params.fewstep.methods:
+        return []
+    f = params.fewstep
+    weights = ":".join(f"{b:g}" for b in f.ddil)
+    return [
+        "## Few-step students",
+        "",
+        f"Rows with a `states` entry are K-step students (NFE = K): `backward sim.` (DMD2's own states), `diffused "
+        f"data` (CD's and PD's), or `DDIL {weights}` — our adaptation of DDIL to EDM teachers in pixel space "
+        f"(no DDIL code or mixing weights are published): training states drawn from the forward-diffused data, the "
+        f"teacher's ODE rollout and the student's own rollout in the proportions {weights}"
+        + (", x̂ clipped to the data range in rollouts and sampling (reflected)." if f.reflect else "."),
+        "",
+        "![FID, precision and recall against NFE, with and without DDIL](fewstep.png)",
+        "",
+        "Covariate shift: at each level σ_k (k ≥ 1) of a student, the Fréchet distance (same features) between the "
+        "states its sampler visits and the states it was trained on, both clipped to the data range and drawn fresh "
+        f"from the final best checkpoint ({params.evaluation.num_samples} states each; also in covariate_shift.csv).",
+        "",
+        shift_table(shift),
+        "",
+        "![Covariate shift against σ_k](covariate_shift.png)",
+        "",
+    ]
+
+
+def markdown(table, params, teacher, n_real, protocol, teacher_stage, shift):
     e, d = params.evaluation, params.distill
     against = f"{n_real} real images" if n_real else "the published reference statistics"
-    runs = [name for _, _, name in params.runs()]
+    runs = [run.name for run in params.runs()]
     return "\n".join(
         [
             f"# Results — profile `{params.profile}`",
@@ -257,6 +317,7 @@ def markdown(table, params, teacher, n_real, protocol, teacher_stage):
             f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
             f"{params.report.diverged_factor:g}× its best.",
             "",
+            *fewstep_section(params, shift),
             "## FID over training",
             "",
             "![FID vs kimg per method and learning rate](lr_robustness.png)",
@@ -276,15 +337,18 @@ def markdown(table, params, teacher, n_real, protocol, teacher_stage):
 
 
 def run(params, args, run):
-    table, protocol = results_table(params)
+    table, protocol, evals = results_table(params)
     teacher = read_json(metrics("teacher_samples"))
     n_real = read_json(metrics("reference_stats"))["num_images"]
+    shift = shift_frame(params, evals)
     lr_robustness_figure(params, LR_FIGURE)
+    fewstep_figure(fewstep_frame(params, evals), params.profile, FEWSTEP_FIGURE)
+    shift_figure(shift, params.profile, SHIFT_FIGURE)
+    write_text(SHIFT_CSV, shift.to_csv(index=False))
     write_text(RESULTS_CSV, table.to_csv(index=False))
-    write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol, read_json(metrics("teacher"))))
-    run.log_artifact(RESULTS_MD)
-    run.log_artifact(RESULTS_CSV)
-    run.log_artifact(LR_FIGURE)
+    write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol, read_json(metrics("teacher")), shift))
+    for path in (RESULTS_MD, RESULTS_CSV, LR_FIGURE, FEWSTEP_FIGURE, SHIFT_FIGURE, SHIFT_CSV):
+        run.log_artifact(path)
     print(Path(RESULTS_MD).read_text())
 
 

@@ -36,7 +36,7 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None):
     """Run the stage `stage`: parse `arguments` ({flag: help}, all required), load params.yaml, resolve the stage's
     name, open its MLflow run and call `body(params, args, run)`.
 
-    instance(params, args): the suffix of a foreach/matrix stage (`distill@<suffix>`), raising InvalidInput when
+    instance(params, args): the DVC name of a foreach/matrix stage (`distill@<suffix>`), raising InvalidInput when
     params.yaml defines no such stage; tags(params, args): the MLflow tags of the run (logged as params too).
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,7 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None):
     args = parser.parse_args()
     params = load_params_or_exit()
     try:
-        name = f"{stage}@{instance(params, args)}" if instance else stage
+        name = instance(params, args) if instance else stage
         run_tags = tags(params, args) if tags else {}
     except InvalidInput as e:
         print(f"{stage}: {e}", file=sys.stderr)

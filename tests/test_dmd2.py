@@ -99,7 +99,7 @@ def test_k_step_dmd2_trains_deterministically_with_and_without_ddil(ddil):
     data = TrainingData(images=torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     runs = []
     for _ in range(2):
-        method = DMD2(steps=4, fake_updates=2, ddil=ddil, reflect=True, teacher_steps=2)
+        method = DMD2(steps=4, fake_updates=2, ddil=ddil, reflect=True, rollout_steps=2)
         generator = method.make_generator(teacher)
         torch.manual_seed(0)
         result = distill(method, teacher, generator, method.make_aux(teacher), tiny_run(), data=data)

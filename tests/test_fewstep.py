@@ -6,7 +6,7 @@ import torch
 
 from distillery.analytic import gaussian_pf_ode
 from distillery.edm import karras_sigmas
-from distillery.fewstep import SOURCES, choose_sources, multistep, rollout, student_sigmas, training_states
+from distillery.fewstep import SOURCES, choose_sources, multistep, rollout, states_at, student_sigmas, student_state
 from distillery.sampling import one_step
 
 from toys import F64, gaussian, tiny_edm
@@ -92,13 +92,14 @@ def test_each_source_gives_its_own_states():
     real = m + s * torch.randn(3 * n, 2, generator=gen, dtype=F64)
     sources = torch.arange(3).repeat_interleave(n)
     torch.manual_seed(1)
-    x = training_states(2, levels, z, sources, student=student, teacher=teacher, real=real, teacher_steps=32)
+    x = states_at(levels[2], z, sources, levels=levels, student=student, teacher=teacher, real=real, rollout_steps=32)
     sigma = float(levels[2])
     for index, (mean, std) in enumerate([(m, (s**2 + sigma**2) ** 0.5)] * 2 + [(0.0, sigma)]):
         part = x[sources == index]
         assert part.mean().item() == pytest.approx(mean, abs=4 * std / (2 * n) ** 0.5), SOURCES[index]
         assert part.std().item() == pytest.approx(std, rel=0.03), SOURCES[index]
-    assert torch.equal(training_states(0, levels, z, sources, student=student, teacher=teacher, real=real), z * 80.0)
+    at_top = states_at(levels[0], z, sources, levels=levels, student=student, teacher=teacher, real=real)
+    assert torch.equal(at_top, z * 80.0)
 
 
 def test_the_reflected_rollouts_clip_every_prediction_to_the_data_range():
@@ -111,16 +112,32 @@ def test_the_reflected_rollouts_clip_every_prediction_to_the_data_range():
     states = {}
     for name, net, clip in [("clipped", overshooting, (-1, 1)), ("in range", in_range, None)]:
         torch.manual_seed(1)
-        states[name] = training_states(3, levels, z, sources, student=net, teacher=net, clip=clip)
+        states[name] = states_at(levels[3], z, sources, levels=levels, student=net, teacher=net, clip=clip)
     assert torch.equal(states["clipped"], states["in range"])
     torch.manual_seed(1)
     assert not torch.equal(
-        training_states(3, levels, z, sources, student=overshooting, teacher=overshooting), states["clipped"]
+        states_at(levels[3], z, sources, levels=levels, student=overshooting, teacher=overshooting), states["clipped"]
     )
     # and the reflected sampler's images stay in the data range
     gen = torch.Generator().manual_seed(2)
     noise = lambda k, like: torch.randn(like.shape, generator=gen)  # noqa: E731
     assert multistep(overshooting, levels, clip=(-1, 1))(z, None, noise).abs().max() <= 1
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_students_state_at_its_own_level_is_the_state_its_sampler_visits(deterministic):
+    net = tiny_edm(perturb=0.1).eval()
+    levels = student_sigmas(4)
+    z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = []
+    for state in (
+        lambda: student_state(net, levels, float(levels[2]), z, deterministic=deterministic),
+        lambda: rollout(net, levels, 2, z, noise=lambda j, like: torch.randn_like(like), deterministic=deterministic),
+    ):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            states.append(state())
+    assert torch.equal(*states)
 
 
 @pytest.mark.parametrize("name", ["dmd2", "cd", "pd"])
@@ -134,3 +151,25 @@ def test_each_k_step_students_image_depends_only_on_its_seed(name):
     batch = generate(sampler, [3, 7, 11], [1, 8, 8], batch=2).images
     assert torch.equal(alone[0], batch[1])
     assert not torch.equal(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("name", ["cd", "pd"])
+def test_ddil_trains_cd_and_pd_on_the_mixture_instead_of_the_diffused_data(name):
+    # on the student's own states alone (β = 0, 0, 1) the loss no longer sees where the forward-diffused data would be
+    from distillery.registry import METHODS
+
+    teacher = tiny_edm(perturb=0.05).eval()
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    reals = [torch.zeros(6, 1, 8, 8), torch.ones(6, 1, 8, 8)]
+    base = {"cd": {"steps": 2}, "pd": {"teacher_steps": 8, "steps": 2}}[name]
+
+    def loss(ddil, real):
+        method = METHODS[name].build(**base, ddil=ddil)
+        generator, aux = method.make_generator(teacher), method.make_aux(teacher)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return method.generator_loss(generator, aux, teacher, z, None, (real,))
+
+    student_only = [loss((0, 0, 1), real) for real in reals]
+    assert torch.equal(*student_only)
+    assert not torch.equal(*[loss(None, real) for real in reals])

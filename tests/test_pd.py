@@ -16,7 +16,7 @@ def test_rounds_and_levels():
     method = ProgressiveDistillation(teacher_steps=16, steps=2)
     assert method.rounds == 3  # 16 → 8 → 4 → 2
     assert [len(method.grid(r)) - 1 for r in range(3)] == [16, 8, 4]
-    assert method.levels().tolist() == karras_sigmas(4)[:-1:2].tolist()
+    assert method.levels.tolist() == karras_sigmas(4)[:-1:2].tolist()
     with pytest.raises(pydantic.ValidationError, match="power of 2"):
         ProgressiveDistillation(teacher_steps=12, steps=2)
 

@@ -33,7 +33,7 @@ def test_invalid_params_exit_2_before_any_run(tmp_path):
 
 
 def test_a_run_params_yaml_does_not_define_exits_2_naming_the_runs(tmp_path):
-    result = stage(tmp_path, "evaluate", "--method", "sid", "--lr", "9", params={"study": {"lrs": [0.5]}})
+    result = stage(tmp_path, "evaluate", "--run", "sid-9", params={"study": {"lrs": [0.5]}})
     assert result.returncode == 2
     assert "sid-9 is not a run" in result.stderr and "sid-0.5" in result.stderr
     assert runs(tmp_path) == []

@@ -14,7 +14,7 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
 import torch
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
-from distillery.fewstep import choose_sources, multistep, rollout, student_sigmas, training_states
+from distillery.fewstep import FewStepStudent, student_sigmas
 from distillery.methods.base import FakeScoreMethod, finite_rows, frozen
 from distillery.registry import DMD2Settings
 
@@ -28,11 +28,12 @@ def distribution_matching_loss(x_g, d_teacher, d_fake):
     return 0.5 * torch.nn.functional.mse_loss(x_g, (x_g - grad).detach())
 
 
-class DMD2(FakeScoreMethod):
+class DMD2(FewStepStudent, FakeScoreMethod):
     """DMD2's generator loss and its fake-score loss on the Karras grid; per iteration G first (when due), then
     the fake score, as the reference loop."""
 
     generator_first = True
+    base_source = "student"  # backward simulation
 
     def __init__(self, **settings):
         s = DMD2Settings(**settings)
@@ -43,12 +44,7 @@ class DMD2(FakeScoreMethod):
         self.grid = karras_sigmas(s.num_train_timesteps)[:-1].flip(0)
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
         self.max_step = int(s.max_step_percent * s.num_train_timesteps)
-        self.levels = student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init)
-        self.nfe = s.steps
-        self.ddil, self.teacher_steps = s.ddil, s.teacher_steps
-        self.clip = (-1.0, 1.0) if s.reflect else None
-        self.needs_real_data = s.ddil is not None and s.ddil[0] > 0
-        self.teacher = None
+        self.fewstep_setup(s, student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init))
 
     def make_aux(self, teacher):
         self.teacher = teacher  # DDIL's teacher states roll the teacher out
@@ -58,29 +54,9 @@ class DMD2(FakeScoreMethod):
         """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5) or from DDIL's mixture
         (§3.6); k = 0 is the one-step path."""
         k = int(torch.randint(len(self.levels), [1]))
-        with torch.no_grad():
-            if self.ddil is None:
-                noise = lambda j, like: torch.randn_like(like)  # noqa: E731
-                x_k = rollout(generator, self.levels, k, z, class_labels, noise, clip=self.clip)
-            else:
-                x_k = training_states(
-                    k,
-                    self.levels,
-                    z,
-                    choose_sources(len(z), self.ddil).to(z.device),
-                    student=generator,
-                    teacher=self.teacher,
-                    real=None if real is None else real[0],
-                    labels=class_labels,
-                    clip=self.clip,
-                    teacher_steps=self.teacher_steps,
-                )
+        x_k = self.states(self.levels[k], generator, z, None if real is None else real[0], class_labels)
         sigma = torch.full([z.shape[0]], float(self.levels[k]), dtype=z.dtype, device=z.device)
         return generator(x_k, broadcast_per_sample(sigma, z), class_labels)
-
-    def sampler(self, generator):
-        """K stochastic steps at DMD2's levels (§3.8), reflected when `reflect`."""
-        return multistep(generator, self.levels, clip=self.clip)
 
     def sigmas(self, low, high, like):
         t = torch.randint(low, high, [like.shape[0]], device=like.device)

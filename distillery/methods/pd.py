@@ -3,6 +3,8 @@
 Round r distils a teacher of n_r = teacher_steps / 2^r DDIM steps on the Karras grid into a student of n_r / 2
 steps; after `round_kimg` the student becomes the next round's teacher, until the student takes `steps` steps. The
 round's teacher and the round index live in the auxiliary net (RoundTeacher), so a resumed run continues its round.
+The student trains at the forward-diffused data, or at DDIL's mixture (§3.6), its own states being its DDIM rollout
+on the round's grid.
 """
 
 import copy
@@ -10,7 +12,7 @@ import copy
 import torch
 
 from distillery.edm import karras_sigmas
-from distillery.fewstep import multistep
+from distillery.fewstep import FewStepStudent
 from distillery.methods.base import DistillationMethod
 from distillery.progressive import progressive_loss
 from distillery.registry import PDSettings
@@ -28,30 +30,28 @@ class RoundTeacher(torch.nn.Module):
         return self.net(x, sigma, class_labels)
 
 
-class ProgressiveDistillation(DistillationMethod):
-    needs_real_data = True
+class ProgressiveDistillation(FewStepStudent, DistillationMethod):
     generator_first = True  # a round ends after its last generator step
+    deterministic = True  # DDIM steps, the sampler the rounds distil
 
     def __init__(self, **settings):
         s = PDSettings(**settings)
         self.teacher_steps, self.steps, self.round_nimg = s.teacher_steps, s.steps, s.round_kimg * 1000
         self.sigma_data, self.sigma_init = s.sigma_data, s.sigma_init
         self.rounds = (s.teacher_steps // s.steps).bit_length() - 1
-        self.nfe = s.steps
+        self.fewstep_setup(s, self.student_levels(self.rounds - 1))
+        self.needs_real_data = True  # x_0 of the loss is a data image, whatever the states
 
     def grid(self, round_index):
         """The round's teacher grid: n_r Karras levels from σ_max, then 0."""
         return karras_sigmas(self.teacher_steps >> round_index, sigma_max=self.sigma_init)
 
-    def levels(self):
-        """The final student's levels: every other level of the last round's teacher grid."""
-        return self.grid(self.rounds - 1)[:-1:2]
-
-    def sampler(self, generator):
-        """The final student's K deterministic DDIM steps."""
-        return multistep(generator, self.levels(), deterministic=True)
+    def student_levels(self, round_index):
+        """The levels of the round's student: every other level of its teacher's grid."""
+        return self.grid(round_index)[:-1:2]
 
     def make_aux(self, teacher):
+        self.teacher = teacher
         return RoundTeacher(copy.deepcopy(teacher).eval().requires_grad_(False))
 
     def optimizers(self, generator, aux, lr, betas, eps, generator_betas=None):
@@ -63,8 +63,12 @@ class ProgressiveDistillation(DistillationMethod):
         return generator(z * self.sigma_init, torch.full([len(z)], self.sigma_init), class_labels)
 
     def generator_loss(self, generator, aux, teacher, z, class_labels=None, real=None):
-        grid = self.grid(int(aux.round))
-        return progressive_loss(generator, aux, real[0], grid, class_labels, self.sigma_data).mean()
+        r, x0 = int(aux.round), real[0]
+        states = None
+        if self.weights != (1.0, 0.0, 0.0):
+            levels = self.student_levels(r)
+            states = lambda sigma: self.states(sigma, generator, z, x0, class_labels, levels)  # noqa: E731
+        return progressive_loss(generator, aux, x0, self.grid(r), class_labels, self.sigma_data, states).mean()
 
     @torch.no_grad()
     def update_aux(self, generator, aux, nimg):
