@@ -47,6 +47,8 @@ def test_the_fewstep_study_adds_its_rows_figure_and_shift_table(built_micro, tmp
         "df = mlflow.search_runs(search_all_experiments=True);"
         "print(df[['tags.dvc_stage','tags.method','tags.steps','tags.ddil']].to_csv(index=False))"
     )
-    runs = pd.read_csv(io.StringIO(sh([sys.executable, "-c", code], repo).stdout), dtype=str).set_index("tags.dvc_stage")
+    runs = pd.read_csv(io.StringIO(sh([sys.executable, "-c", code], repo).stdout), dtype=str).set_index(
+        "tags.dvc_stage"
+    )
     tags = runs.loc["distill_fewstep@cd-1e-4-2-ddil"]
     assert (tags["tags.method"], tags["tags.steps"], tags["tags.ddil"]) == ("cd", "2", "True")
