@@ -127,6 +127,11 @@ class DMD2Settings(FewStepSettings):
     min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
     max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
     fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
+    # the GAN classifier on the fake score's bottleneck against real data (DMD2's ImageNet-64 run; off: its ablation)
+    gan: bool = False
+    gan_weight_g: Annotated[float, Field(ge=0)] = 3e-3  # gen_cls_loss_weight
+    gan_weight_d: Annotated[float, Field(ge=0)] = 1e-2  # cls_loss_weight
+    gan_max_step_percent: Annotated[float, Field(gt=0, le=1)] = 1.0  # diffusion GAN: σ index uniform below this
 
 
 class CDSettings(FewStepSettings):

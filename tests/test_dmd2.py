@@ -121,3 +121,59 @@ def test_the_fake_score_sees_samples_of_the_generator_in_train_mode():
     fake = gaussian(torch.zeros(4, dtype=F64), 1.0)
     DMD2().aux_loss(generator, fake, torch.randn(8, 4, dtype=F64))
     assert modes == [True]
+
+
+def test_the_gan_head_reads_the_fake_scores_bottleneck_and_trains_with_it():
+    import copy
+
+    from distillery.methods.dmd2 import FakeScoreWithHead
+
+    teacher = tiny_edm(perturb=0.05).eval()
+    method = DMD2(gan=True, gan_weight_d=1.0, gan_weight_g=1.0)
+    aux = method.make_aux(teacher)
+    assert isinstance(aux, FakeScoreWithHead) and method.needs_real_data
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(aux(x, torch.full([4], 2.0)), teacher(x, torch.full([4], 2.0)))  # still the denoiser
+    # the fake-score loss now holds the classification loss: it reaches the head and the fake net's encoder
+    z, real = torch.randn(6, 1, 8, 8), torch.rand(6, 1, 8, 8) * 2 - 1
+    torch.manual_seed(0)
+    method.aux_loss(method.make_generator(teacher), aux, z, None, (real, None)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.head.parameters())
+    # the generator's loss gains the non-saturating term, whose gradient flows through the frozen fake net
+    generator = method.make_generator(teacher)
+    torch.manual_seed(1)
+    with_gan = method.generator_loss(generator, aux, teacher, z)
+    torch.manual_seed(1)
+    plain = DMD2().generator_loss(generator, aux.fake, teacher, z)
+    assert with_gan > plain
+    aux.zero_grad(set_to_none=True)
+    with_gan.backward()
+    assert all(p.grad is None for p in aux.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+    # a deep copy (resume, checkpoints) reads its own bottleneck
+    twin = copy.deepcopy(aux)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        a = aux.logits(x, torch.full([4, 1, 1, 1], 1.0))
+        torch.manual_seed(2)
+        b = twin.logits(x, torch.full([4, 1, 1, 1], 1.0))
+    assert torch.equal(a, b) and twin._features is not aux._features
+
+
+def test_dmd2_with_the_gan_trains_deterministically():
+    from distillery.training import TrainingData, distill
+
+    from toys import tiny_run
+
+    teacher = tiny_edm(perturb=0.05).eval()
+    data = TrainingData(images=torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    runs = []
+    for _ in range(2):
+        method = DMD2(steps=2, fake_updates=2, gan=True)
+        torch.manual_seed(0)
+        result = distill(
+            method, teacher, method.make_generator(teacher), method.make_aux(teacher), tiny_run(), data=data
+        )
+        runs.append(result.ema.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -9,9 +9,16 @@ Both losses draw σ from a Karras grid of `num_train_timesteps` levels (σ_min 0
   pure noise for k steps without gradient (re-noised with fresh noise at σ_k), and G's sample is x̂ = G(x_k; σ_k).
 - DDIL (§3.6): each sample's x_k comes instead from the forward-diffused data, the teacher's ODE rollout or the
   student's rollout, with probabilities ∝ `ddil`; `reflect` clips every x̂ of the rollouts to the data range.
+- GAN (`gan`): a classifier head on the fake score's bottleneck sees real and generated images, each noised at a
+  σ index uniform over the grid's lowest `gan_max_step_percent` (diffusion GAN); the fake score and head add
+  gan_weight_d·mean(softplus(ℓ_fake) + softplus(−ℓ_real)), the generator gan_weight_g·mean(softplus(−ℓ(x_g))).
 """
 
+import math
+
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from distillery.edm import broadcast_per_sample, karras_sigmas
 from distillery.fewstep import FewStepStudent, student_sigmas
@@ -26,6 +33,59 @@ def distribution_matching_loss(x_g, d_teacher, d_fake):
         grad = (d_fake - d_teacher) / p_real.abs().mean(dim=tuple(range(1, x_g.ndim)), keepdim=True)
         grad = torch.nan_to_num(grad)
     return 0.5 * torch.nn.functional.mse_loss(x_g, (x_g - grad).detach())
+
+
+class GANHead(nn.Module):
+    """DMD2's classifier branch: conv 4×4 stride 2, GroupNorm, SiLU, a conv down to 1×1, GroupNorm, SiLU, 1×1 conv to
+    one logit. On ADM's 8×8 bottleneck (ImageNet-64) the second conv is the reference's 4×4 stride 4; on a smaller
+    bottleneck its kernel is the size left after the first conv."""
+
+    def __init__(self, channels, size):
+        super().__init__()
+        if size < 2:
+            raise ValueError(f"the GAN head needs a bottleneck of at least 2×2, got {size}×{size}")
+        groups, rest = math.gcd(32, channels), size // 2
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 4, stride=2, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, rest, stride=rest),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, 1, 1),
+        )
+
+    def forward(self, features):
+        return self.body(features).flatten()
+
+
+class FakeScoreWithHead(nn.Module):
+    """The fake score D_φ (called as a denoiser) with DMD2's GAN head on the output of its UNet's last encoder
+    block, both trained by the fake-score optimiser."""
+
+    def __init__(self, fake):
+        super().__init__()
+        self.fake = fake
+        last = [block for name, block in fake.model.enc.items() if "aux" not in name][-1]
+        self._features = None
+        last.register_forward_hook(self._keep)  # a bound method: a deep copy hooks into its own copy
+        shape = [1, fake.img_channels, fake.img_resolution, fake.img_resolution]
+        labels = torch.zeros([1, fake.label_dim]) if fake.label_dim else None
+        with torch.no_grad():
+            fake(torch.zeros(shape), torch.ones([1]), labels)
+        self.head = GANHead(self._features.shape[1], self._features.shape[-1])
+
+    def _keep(self, module, args, output):
+        self._features = output
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.fake(x, sigma, class_labels)
+
+    def logits(self, images, sigma, class_labels=None):
+        """One logit per image, from the fake net's bottleneck at x = images + σ·ε (the full forward pass, whose
+        output is unused, keeps one path for every UNet)."""
+        self.fake(images + sigma * torch.randn_like(images), sigma.flatten(), class_labels)
+        return self.head(self._features)
 
 
 class DMD2(FewStepStudent, FakeScoreMethod):
@@ -45,10 +105,17 @@ class DMD2(FewStepStudent, FakeScoreMethod):
         self.min_step = int(s.min_step_percent * s.num_train_timesteps)
         self.max_step = int(s.max_step_percent * s.num_train_timesteps)
         self.fewstep_setup(s, student_sigmas(s.steps, s.num_train_timesteps, sigma_max=s.sigma_init))
+        self.gan, self.gan_weight_g, self.gan_weight_d = s.gan, s.gan_weight_g, s.gan_weight_d
+        self.gan_max_step = max(1, int(s.gan_max_step_percent * s.num_train_timesteps))
+        self.needs_real_data = self.needs_real_data or s.gan
 
     def make_aux(self, teacher):
         self.teacher = teacher  # DDIL's teacher states roll the teacher out
-        return super().make_aux(teacher)
+        fake = super().make_aux(teacher)
+        return FakeScoreWithHead(fake) if self.gan else fake
+
+    def gan_logits(self, aux, images, class_labels):
+        return aux.logits(images, self.sigmas(0, self.gan_max_step, images), class_labels)
 
     def generate(self, generator, z, class_labels=None, real=None):
         """x̂ = G(x_k; σ_k) at one level k per batch, x_k by backward simulation (§3.5) or from DDIL's mixture
@@ -71,7 +138,11 @@ class DMD2(FewStepStudent, FakeScoreMethod):
             x_t = x_g + sigma * torch.randn_like(x_g)
             with frozen(teacher), frozen(aux):
                 d_teacher, d_fake = teacher(x_t, sigma, class_labels), aux(x_t, sigma, class_labels)
-        return distribution_matching_loss(x_g, d_teacher, d_fake)
+        loss = distribution_matching_loss(x_g, d_teacher, d_fake)
+        if self.gan:
+            with frozen(aux):  # the head's gradient reaches G through the fake net's input only
+                loss = loss + self.gan_weight_g * F.softplus(-self.gan_logits(aux, x_g, class_labels)).mean()
+        return loss
 
     def aux_loss(self, generator, aux, z, class_labels=None, real=None):
         # the reference trains the fake score on the samples of G in train mode (its loop never switches to eval)
@@ -84,4 +155,10 @@ class DMD2(FewStepStudent, FakeScoreMethod):
         sigma = self.sigmas(0, len(self.grid), x_g)
         denoised = aux(x_g + sigma * torch.randn_like(x_g), sigma, class_labels)
         weight = sigma**-2 + self.sigma_data**-2  # Karras weighting
-        return (weight * (denoised - x_g) ** 2).mean()
+        loss = (weight * (denoised - x_g) ** 2).mean()
+        if self.gan:
+            real_images, real_labels = real
+            on_real = self.gan_logits(aux, real_images, real_labels)
+            on_fake = self.gan_logits(aux, x_g, class_labels)
+            loss = loss + self.gan_weight_d * (F.softplus(on_fake) + F.softplus(-on_real)).mean()
+        return loss
