@@ -8,7 +8,7 @@ sampling) or the deterministic DDIM step x̂_k + σ_{k+1}·(x_k − x̂_k)/σ_k.
 
 import torch
 
-from distillery.edm import karras_sigmas
+from distillery.edm import broadcast_per_sample, karras_sigmas
 
 SOURCES = ("data", "teacher", "student")
 
@@ -22,8 +22,15 @@ def student_sigmas(steps, num_train_timesteps=1000, sigma_min=0.002, sigma_max=8
     return schedule[[k * num_train_timesteps // steps for k in range(steps)]]
 
 
+def per_sample(sigma, x):
+    """σ as a [B] tensor of x's dtype: a number (or one-element tensor) repeated, or one value per sample."""
+    if torch.is_tensor(sigma) and sigma.numel() > 1:
+        return sigma.to(x.dtype).to(x.device).flatten()
+    return torch.full([len(x)], float(sigma), dtype=x.dtype, device=x.device)
+
+
 def denoise(net, x, sigma, labels, clip):
-    denoised = net(x, torch.full([len(x)], float(sigma), dtype=x.dtype, device=x.device), labels)
+    denoised = net(x, per_sample(sigma, x), labels)
     return denoised if clip is None else denoised.clamp(*clip)
 
 
@@ -61,11 +68,13 @@ def choose_sources(batch, weights, generator=None):
 
 
 def teacher_rollout(teacher, sigma_from, sigma_to, x, labels=None, steps=8, clip=None, rho=7.0):
-    """The teacher's deterministic Heun solution of the PF-ODE from σ_from to σ_to (> 0) over `steps` Karras-spaced
-    intervals; `clip` clips every denoised prediction to the data range (DDIL's reflected variant)."""
+    """The teacher's deterministic Heun solution of the PF-ODE from σ_from to σ_to (> 0; a number or one per sample)
+    over `steps` Karras-spaced intervals; `clip` clips every denoised prediction to the data range (reflected)."""
     ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    grid = (sigma_from ** (1 / rho) + ramp * (sigma_to ** (1 / rho) - sigma_from ** (1 / rho))) ** rho
-    for s, t in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    end = torch.as_tensor(sigma_to, dtype=torch.float64).flatten()[:, None]  # [B or 1, 1]
+    grid = (sigma_from ** (1 / rho) + ramp * (end ** (1 / rho) - sigma_from ** (1 / rho))) ** rho
+    for i in range(steps):
+        s, t = (broadcast_per_sample(per_sample(grid[:, i + j], x), x) for j in (0, 1))
         d = (x - denoise(teacher, x, s, labels, clip)) / s
         x_next = x + (t - s) * d
         d_next = (x_next - denoise(teacher, x_next, t, labels, clip)) / t
@@ -74,14 +83,21 @@ def teacher_rollout(teacher, sigma_from, sigma_to, x, labels=None, steps=8, clip
 
 
 def student_state(student, levels, sigma, z, labels=None, deterministic=False, clip=None):
-    """The student's own state at σ (≤ σ_0): its rollout to the last of its levels above σ, that level's x̂ taken on
-    to σ by the sampler's step (at σ = σ_k exactly the state its sampler visits at level k)."""
-    j = int((torch.as_tensor(levels) > sigma).sum())  # levels strictly above σ; ≥ 1 since σ < σ_0
-    noise = lambda i, like: torch.randn_like(like)  # noqa: E731
-    x = rollout(student, levels, j - 1, z, labels, noise, deterministic, clip)
-    denoised = denoise(student, x, levels[j - 1], labels, clip)
-    step = (x - denoised) / float(levels[j - 1]) if deterministic else torch.randn_like(denoised)
-    return denoised + sigma * step
+    """The student's own state at σ < σ_0 (a number or one per sample): its rollout to the last of its levels above
+    σ, that level's x̂ taken on to σ by the sampler's step (at σ = σ_k exactly the state its sampler visits at k)."""
+    levels = torch.as_tensor(levels, dtype=torch.float64)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(len(z))
+    last = (levels[None, :] > sigma[:, None]).sum(1) - 1  # each sample's last level above σ
+    target = broadcast_per_sample(per_sample(sigma, z), z)
+    x, out = z * float(levels[0]), torch.empty_like(z)
+    for i in range(int(last.max()) + 1):
+        denoised = denoise(student, x, levels[i], labels, clip)
+        step = (x - denoised) / float(levels[i]) if deterministic else torch.randn_like(denoised)
+        done = last == i
+        out[done] = (denoised + target * step)[done]
+        if i + 1 < len(levels):
+            x = denoised + float(levels[i + 1]) * step
+    return out
 
 
 @torch.no_grad()
@@ -99,46 +115,25 @@ def states_at(
     rollout_steps=8,
     deterministic=False,
 ):
-    """The states at level σ a K-step student trains on, one per sample from its source (DDIL, §3.6):
-    data — real + σ·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to σ;
-    student — the student's own rollout from σ_0·z (backward simulation). At σ ≥ σ_0 every source is pure noise σ·z."""
-    sigma = float(sigma)
-    if sigma >= float(levels[0]):
-        return z * sigma
-    x = torch.empty_like(z)
+    """The states at level σ (a number or one per sample) a K-step student trains on, one per sample from its source
+    (DDIL, §3.6): data — real + σ·ε (the forward-diffused data); teacher — the teacher's PF-ODE solution from σ_0·z to
+    σ; student — its own rollout from σ_0·z (backward simulation). At σ ≥ σ_0 every source is pure noise σ·z."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(len(z)).cpu()
+    top = float(levels[0])
+    x = z * broadcast_per_sample(per_sample(sigma, z), z)  # pure noise, kept where σ ≥ σ_0
     for index, name in enumerate(SOURCES):
-        rows = (sources == index).nonzero().flatten()
+        rows = ((sources.cpu() == index) & (sigma < top)).nonzero().flatten().to(z.device)
         if not len(rows):
             continue
-        part = None if labels is None else labels[rows]
+        part, level = None if labels is None else labels[rows], sigma[rows.cpu()]
         if name == "data":
-            x[rows] = real[rows] + sigma * torch.randn_like(real[rows])
-        elif name == "teacher":
-            x[rows] = teacher_rollout(
-                teacher, float(levels[0]), sigma, z[rows] * float(levels[0]), part, rollout_steps, clip
+            x[rows] = real[rows] + broadcast_per_sample(per_sample(level, real[rows]), real[rows]) * torch.randn_like(
+                real[rows]
             )
+        elif name == "teacher":
+            x[rows] = teacher_rollout(teacher, top, level, z[rows] * top, part, rollout_steps, clip)
         else:
-            x[rows] = student_state(student, levels, sigma, z[rows], part, deterministic, clip)
-    return x
-
-
-@torch.no_grad()
-def mixed_states(sigma, z, sources, **kwargs):
-    """`states_at` with one σ per sample ([B]), grouped by level."""
-    x = torch.empty_like(z)
-    for level in sigma.unique():
-        rows = (sigma == level).nonzero().flatten()
-        real, labels = kwargs.get("real"), kwargs.get("labels")
-        x[rows] = states_at(
-            level,
-            z[rows],
-            sources[rows],
-            **{
-                **kwargs,
-                "real": None if real is None else real[rows],
-                "labels": None if labels is None else labels[rows],
-            },
-        )
+            x[rows] = student_state(student, levels, level, z[rows], part, deterministic, clip)
     return x
 
 
@@ -184,6 +179,4 @@ class FewStepStudent:
             rollout_steps=self.rollout_steps,
             deterministic=self.deterministic,
         )
-        if torch.as_tensor(sigma).numel() == 1:
-            return states_at(float(sigma), z, sources, **kwargs)
-        return mixed_states(torch.as_tensor(sigma).flatten(), z, sources, **kwargs)
+        return states_at(sigma, z, sources, **kwargs)

@@ -400,7 +400,9 @@ class Params(MethodSections):
                 try:
                     METHODS[run.method].settings(**self.settings(run))
                 except ValidationError as e:
-                    raise ValueError(f"fewstep run {run.name}: {e.errors()[0]['msg']}") from None
+                    raise ValueError(
+                        f"fewstep run {run.name}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+                    ) from None
         return self
 
     def settings(self, run):

@@ -173,3 +173,24 @@ def test_ddil_trains_cd_and_pd_on_the_mixture_instead_of_the_diffused_data(name)
     student_only = [loss((0, 0, 1), real) for real in reals]
     assert torch.equal(*student_only)
     assert not torch.equal(*[loss(None, real) for real in reals])
+
+
+def test_one_sigma_per_sample_equals_each_sigma_on_its_own():
+    # the deterministic rollouts (teacher ODE, student DDIM) of a batch with one σ per sample row by row
+    from distillery.fewstep import teacher_rollout
+
+    teacher = gaussian(torch.full([2], 0.3, dtype=F64), 0.4)
+    student = lambda x, sigma, labels=None: 0.9 * x / (1 + sigma[:, None] ** 2) ** 0.5  # noqa: E731
+    levels = student_sigmas(4)
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sigma = torch.tensor([0.05, 0.7, 2.0, 0.05, 11.0, float(levels[3])], dtype=F64)
+    together = teacher_rollout(teacher, 80.0, sigma, z * 80.0, steps=4)
+    alone = torch.cat(
+        [teacher_rollout(teacher, 80.0, float(s), z[i : i + 1] * 80.0, steps=4) for i, s in enumerate(sigma)]
+    )
+    assert torch.allclose(together, alone, rtol=1e-12, atol=0)
+    together = student_state(student, levels, sigma, z, deterministic=True)
+    alone = torch.cat(
+        [student_state(student, levels, float(s), z[i : i + 1], deterministic=True) for i, s in enumerate(sigma)]
+    )
+    assert torch.equal(together, alone)

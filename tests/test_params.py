@@ -24,7 +24,7 @@ def test_shipped_params_are_valid_and_list_the_study():
     study, fewstep = params.runs()[:10], params.runs()[10:]
     assert tuple(study[-1][:3]) == ("gdd_i", 3e-5, "gdd_i-3e-5") and all(run.steps is None for run in study)
     # the few-step study: method × lr × K × variant, named as DVC's matrix names its stages
-    assert [run.name for run in fewstep[:3]] == ["dmd2-1e-4-1-plain", "dmd2-1e-4-1-ddil", "dmd2-1e-4-2-plain"]
+    assert [run.name for run in fewstep[:3]] == ["dmd2-2e-4-1-plain", "dmd2-2e-4-1-ddil", "dmd2-2e-4-2-plain"]
     assert len(fewstep) == 12 and {(run.method, run.steps, run.variant) for run in fewstep} == {
         (m, k, v) for m in ("dmd2", "cd") for k in (1, 2, 4) for v in ("plain", "ddil")
     }
@@ -33,17 +33,17 @@ def test_shipped_params_are_valid_and_list_the_study():
 def test_a_fewstep_run_takes_its_k_and_variant_over_its_methods_section():
     params = load_params(ROOT / "params.yaml")
     runs = {run.name: run for run in params.runs()}
-    plain, ddil = params.settings(runs["cd-1e-4-4-plain"]), params.settings(runs["cd-1e-4-4-ddil"])
+    plain, ddil = params.settings(runs["cd-2e-4-4-plain"]), params.settings(runs["cd-2e-4-4-ddil"])
     assert (plain["steps"], plain["ddil"], plain["reflect"]) == (4, None, False)
     assert (ddil["steps"], ddil["ddil"], ddil["reflect"]) == (4, (1.0, 1.0, 1.0), True)
-    assert params.method(runs["dmd2-1e-4-2-ddil"]).nfe == 2
+    assert params.method(runs["dmd2-2e-4-2-ddil"]).nfe == 2
 
 
 def test_a_fewstep_run_its_method_cannot_take_is_refused_before_any_compute():
     raw = toy()
     raw["fewstep"].update(methods=["pd"], steps=[3])
     raw["pd"] = {"teacher_steps": 16}
-    with pytest.raises(ParamsError, match="fewstep run pd-1e-4-3-plain: .*power of 2"):
+    with pytest.raises(ParamsError, match="fewstep run pd-2e-4-3-plain: teacher_steps / steps must be a power of 2"):
         parse_params(raw)
     raw["fewstep"].update(methods=["sid"], steps=[1])
     with pytest.raises(ParamsError, match="fewstep.methods"):
