@@ -236,7 +236,8 @@ def print_plan(project_root, profile_path, params, measure=True):
     students = heun_per_sample / nfe * samples * 2 * calls / 3600
     total += sampling + students
     print(f"  {f'teacher samples: {samples} × NFE {nfe}':<62} {sampling:12.1f}")
-    print(f"  {f'student samples: {samples} × 2 checkpoints × {calls} NFE over all runs':<62} {students:12.1f}")
+    runs = len(params.runs())
+    print(f"  {f'student samples: {samples} × 2 checkpoints × {runs} runs (Σ NFE {calls})':<62} {students:12.1f}")
     fewstep = [run.name for run in params.runs() if run.steps is not None]
     if fewstep:
         print(f"  few-step runs ({len(fewstep)}): their training is not timed here")

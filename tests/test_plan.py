@@ -73,7 +73,7 @@ def test_downloads_and_disk_follow_the_profile():
     assert any("edm-cifar10-32x32-uncond-vp.pkl" in url for _, url, _, _ in downloads(cifar))
     assert downloads(load_params(ROOT / "params.yaml")) == []  # the toy fetches nothing
     sizes = disk_gb(cifar, n_params=55_733_891)
-    assert sizes["sample sets"] == 11 * 50_000 * 3 * 32 * 32  # teacher + 10 runs, uint8
+    assert sizes["sample sets"] == 47 * 50_000 * 3 * 32 * 32  # teacher + 10 study runs + 36 few-step runs, uint8
 
 
 def test_a_bad_profile_is_refused_naming_the_key(tmp_path):
@@ -88,5 +88,5 @@ def test_the_measured_plan_times_each_method_and_counts_the_fid_trials():
     rate = re.search(r"distill sid: ([\d.]+) images/s × 0.128 kimg × 2 lrs", out)
     assert rate and float(rate.group(1)) > 0
     # micro: 200 samples × 2 trials; teacher Heun with 4 steps (NFE 7); best and last of 2 runs
-    assert "teacher samples: 400 × NFE 7" in out and "student samples: 400 × 2 checkpoints × 2 runs" in out
+    assert "teacher samples: 400 × NFE 7" in out and "student samples: 400 × 2 checkpoints × 2 runs (Σ NFE 2)" in out
     assert re.search(r"total device-hours .* +\d+\.\d", out) and "sample sets" in out
