@@ -1,4 +1,4 @@
-"""Published one-step results for settings that match a profile, with their sources.
+"""Published one-step and few-step results for settings that match a profile, with their sources.
 
 Only numbers that docs/methods.md §4 marks "read" (in the named README, abstract or page) are listed; the
 "unconfirmed" ones are left out on purpose. These rows are never mixed into the table
@@ -12,6 +12,7 @@ SIM_ABSTRACT = "SIM (Luo et al. 2024), abstract / README"
 GDD_ABSTRACT = "GDD (Zheng & Yang 2024), abstract"
 DMD_LISTING = "DMD, wizwand benchmark listing"
 UNI_ABSTRACT = "Uni-Instruct, abstract"
+PD_LISTING = "progressive distillation, benchmark leaderboard listing (its own teacher, not EDM)"
 GDD_README = "Zyriix/GDD README"
 
 PUBLISHED = {
@@ -24,6 +25,8 @@ PUBLISHED = {
         ("GDD-I", 1, 1.54, GDD_ABSTRACT),
         ("DMD", 1, 3.77, DMD_LISTING),
         ("Uni-Instruct", 1, 1.46, UNI_ABSTRACT),
+        ("PD", 4, 3.00, PD_LISTING),
+        ("PD", 8, 2.57, PD_LISTING),
     ],
     "cifar10-cond": [
         ("EDM teacher (DDPM++, Heun)", 35, 1.79, EDM_README),

@@ -185,6 +185,8 @@ def formatted(table, protocol):
         ("batch", "{:.0f}"),
     ]:
         shown[col] = shown[col].map(lambda v, fmt=fmt: cell(v, fmt))
+    if "states" in shown:
+        shown["states"] = shown["states"].map(lambda v: cell(v, "{}"))
     return shown.to_markdown(index=False)
 
 

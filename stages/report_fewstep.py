@@ -84,10 +84,10 @@ def shift_table(frame):
     wide["method"] = wide["method"].map(lambda m: METHODS[m].display)
     wide["sigma"] = wide["sigma"].map(lambda s: f"{s:.3g}")
     wide = wide.rename(columns={"level": "k", "sigma": "σ_k", "plain": "FD plain", "ddil": "FD DDIL"})
-    for column in ("FD plain", "FD DDIL"):
-        if column in wide:
-            wide[column] = wide[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    return wide.to_markdown(index=False)
+    distances = [column for column in ("FD plain", "FD DDIL") if column in wide]
+    for column in distances:
+        wide[column] = wide[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    return wide[["method", "lr", "K", "k", "σ_k", *distances]].to_markdown(index=False)
 
 
 def shift_figure(frame, profile, path):

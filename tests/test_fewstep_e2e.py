@@ -40,7 +40,8 @@ def test_the_fewstep_study_adds_its_rows_figure_and_shift_table(built_micro, tmp
     )
     assert set(shift["level"]) == {1} and (shift["fd"] >= 0).all()
     markdown = (repo / "reports" / "results.md").read_text()
-    assert "## Few-step students" in markdown and "FD DDIL" in markdown and "no DDIL code" in markdown
+    assert "## Few-step students" in markdown and "no DDIL code" in markdown and "nan" not in markdown
+    assert markdown.index("FD plain") < markdown.index("FD DDIL")  # the shift table: plain beside DDIL
 
     code = (
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
