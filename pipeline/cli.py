@@ -10,6 +10,18 @@ from pipeline.params import ParamsError, load_params
 
 def cmd_validate(args):
     params = load_params(args.params)
+    dvc_yaml = Path("dvc.yaml")
+    if dvc_yaml.is_file():  # what DVC will refuse although the schema fills a default
+        from ruamel.yaml import YAML
+
+        from pipeline.dvc_keys import missing_keys
+
+        missing = missing_keys(dvc_yaml.read_text(), YAML(typ="safe", pure=True).load(Path(args.params).read_text()))
+        if missing:
+            raise ParamsError(
+                f"{args.params}: dvc repro needs these keys, which the file does not hold: {', '.join(missing)} "
+                f"(write each section out, even with its default values)"
+            )
     runs = ", ".join(run.name for run in params.runs())
     print(f"{args.params}: valid (profile {params.profile}; runs: {runs})")
 

@@ -88,11 +88,18 @@ def stop_servers(started):
 
 
 def serve_uis(prefect_port, mlflow_port):
-    started = start_servers(prefect_port, mlflow_port)
+    # SIGTERM (a service manager, `kill`) stops both servers as Ctrl-C does, during start-up too, instead of
+    # orphaning them (they run in their own sessions)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        started = start_servers(prefect_port, mlflow_port)
+    except KeyboardInterrupt:
+        return  # start_servers has stopped what it started
     for name, url, _ in started:
         print(f"{name}: {url}")
     print(
-        f"Flows reach the Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api. Ctrl-C stops both."
+        f"Flows reach the Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api. Ctrl-C stops both.",
+        flush=True,
     )
     try:
         while all(proc.poll() is None for _, _, proc in started):

@@ -1,11 +1,15 @@
 """`distillery ui` serves Prefect and MLflow on loopback and stops both; `distillery compare` reads MLflow."""
 
+import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.servers import start_servers, stop_servers
+import pytest
 
 from conftest import sh
 
@@ -26,20 +30,32 @@ def answers(url):
         return False
 
 
-def test_ui_serves_prefect_and_mlflow_on_loopback_and_stops_both(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ui_serves_prefect_and_mlflow_on_loopback_and_a_signal_stops_both(tmp_path, stop):
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     prefect_port, mlflow_port = free_port(), free_port()
-    started = start_servers(prefect_port, mlflow_port)
+    health = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{mlflow_port}/health"]
+    cmd = [DISTILLERY, "ui", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the servers write to it
+        ui = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        assert [name for name, _, _ in started] == ["Prefect", "MLflow"]
-        assert answers(f"http://127.0.0.1:{prefect_port}/api/health")
-        assert answers(f"http://127.0.0.1:{mlflow_port}/health")
+        deadline = time.time() + 180
+        while "Ctrl-C stops both" not in log.read_text():  # both answered, and the command says so
+            assert ui.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(1)
+        assert all(answers(url) for url in health)
+        ui.send_signal(stop)
+        ui.wait(timeout=60)
     finally:
-        stop_servers(started)
-    assert all(proc.poll() is not None for _, _, proc in started)
-    assert not answers(f"http://127.0.0.1:{prefect_port}/api/health")
-    assert not answers(f"http://127.0.0.1:{mlflow_port}/health")
+        if ui.poll() is None:
+            ui.kill()
+    assert ui.returncode == (128 + signal.SIGTERM if stop == signal.SIGTERM else 0), log.read_text()
+    assert not any(answers(url) for url in health)  # neither server outlives the command
 
 
 def test_compare_lists_each_run_with_method_lr_and_fid(built_micro):

@@ -1,5 +1,6 @@
 """params.yaml is refused before any compute when a key, type or value is wrong, naming the key."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.dvc_keys import dvc_params_keys, missing_keys
 from pipeline.params import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,24 +182,17 @@ def test_per_method_settings_override_only_their_own_keys_and_method():
     assert toy_d.for_method("gdd").adam_betas == (0.0, 0.99) and toy_d.for_method("sid").adam_betas == (0.0, 0.999)
 
 
-def dvc_params_keys(profile):
-    """Every params key the stages of dvc.yaml read, for `profile`'s study (DVC needs each one in params.yaml)."""
-    keys = set()
-    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
-        study = "fewstep" if stage.get("matrix", {}).get("method") == "${fewstep.methods}" else "study"
-        for entry in stage.get("do", stage).get("params", []):
-            names = entry if isinstance(entry, dict) else [entry]
-            for name in names:
-                methods = profile[study]["methods"] if "${item.method}" in name else [None]
-                keys.update(name.replace("${item.method}", m) if m else name for m in methods)
-    return keys
-
-
 @pytest.mark.parametrize("path", sorted([*(ROOT / "profiles").glob("*.yaml"), ROOT / "params.yaml"]), ids=str)
 def test_every_profile_holds_every_params_key_dvc_reads(path):
-    profile = yaml.safe_load(path.read_text())
-    for key in dvc_params_keys(profile):
-        node = profile
-        for part in key.split("."):
-            assert isinstance(node, dict) and part in node, f"{path.name}: {key} is missing (dvc repro needs it)"
-            node = node[part]
+    keys = dvc_params_keys((ROOT / "dvc.yaml").read_text(), yaml.safe_load(path.read_text()))
+    assert {"seed", "distill", "evaluation.batch", "fewstep.ddil"} <= keys
+    assert missing_keys((ROOT / "dvc.yaml").read_text(), yaml.safe_load(path.read_text())) == []
+
+
+def test_validate_refuses_a_profile_without_a_section_dvc_needs(tmp_path):
+    raw = toy()
+    del raw["sim"]  # the schema would fill SIM's defaults; DVC would refuse the distill@sim-… stages
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    result = run(["-m", "pipeline.cli", "validate"], tmp_path)
+    assert result.returncode == 2 and "dvc repro needs these keys" in result.stderr and ": sim " in result.stderr
