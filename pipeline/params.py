@@ -285,11 +285,6 @@ class Run(NamedTuple):
     steps: int | None = None  # few-step runs: K and the training states' variant
     variant: str | None = None
 
-    @property
-    def stage(self):
-        """The DVC stage name of its distillation (evaluate_… for its evaluation)."""
-        return "distill" if self.steps is None else "distill_fewstep"
-
 
 Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
 
