@@ -82,19 +82,21 @@ def cmd_repro(args):
 
     quiet_defaults()
     load_params(args.params)
-    with parent_run(Path.cwd(), "dvc repro") as run_id:
-        env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": run_id}
+    with parent_run(Path.cwd(), "dvc repro") as info:
+        env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": info.run_id}
         return subprocess.run(["dvc", "repro", *args.targets], env=env).returncode
 
 
 def cmd_compare(args):
-    """The MLflow runs of the distill and evaluate stages side by side, newest first."""
+    """The MLflow runs of the distill or evaluate stages side by side: those dvc.lock points to, or every run."""
     from pipeline.runtime import quiet_defaults
     from pipeline.tracking import compare_table
 
     quiet_defaults()
-    table = compare_table(args.experiment, args.stage)
-    print(table.to_markdown(index=False) if len(table) else "no runs found")
+    table = compare_table(args.experiment, args.stage, history=args.all)
+    table = table.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+    # numparse off: learning rates print as written in params.yaml (3e-4, not 0.0003)
+    print(table.to_markdown(index=False, disable_numparse=True) if len(table) else "no runs found")
 
 
 def cmd_plan(args):
@@ -137,6 +139,7 @@ def main(argv=None):
     compare = sub.add_parser("compare", help="compare runs across methods and learning rates (from MLflow)")
     compare.add_argument("--experiment", help="MLflow experiment (default: every distillery experiment)")
     compare.add_argument("--stage", default="evaluate", choices=["distill", "evaluate"])
+    compare.add_argument("--all", action="store_true", help="every run, also those dvc.lock no longer points to")
     compare.set_defaults(func=cmd_compare)
 
     plan = sub.add_parser("plan", help="validate a profile; print its DAG, downloads, disk and compute estimate")

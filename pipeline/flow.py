@@ -8,6 +8,7 @@ refuses concurrent writers). Afterwards `dvc status` is clean and `dvc repro` ha
 
 import os
 import queue
+import re
 import shlex
 import subprocess
 import sys
@@ -17,9 +18,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipeline import events
 
 DVC_LOCK = threading.Lock()  # one DVC writer (and reader of the lock file) at a time in this process
 
@@ -112,17 +123,64 @@ def stage_command(name, cmd, group):
 POOL = GPUPool([], 1)
 
 
+def artifact_key(*parts):
+    """A Prefect artifact key (lowercase letters, digits, dashes) from a stage name."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class Artifacts:
+    """Turns the events a stage process prints (pipeline/events.py) into the task's Prefect artifacts."""
+
+    def __init__(self, name, logger):
+        self.name, self.logger = name, logger
+        self.progress_id = None
+
+    def __call__(self, event):
+        kind = event["kind"]
+        if kind == "mlflow_run":
+            self.logger.info("MLflow run of %s: %s", self.name, event["url"])
+            create_link_artifact(
+                event["url"], link_text=f"MLflow run of {self.name}", key=artifact_key("mlflow", self.name)
+            )
+        elif kind == "progress":
+            percent = min(100.0, 100 * event["kimg"] / event["total_kimg"])
+            text = progress_text(event)
+            if self.progress_id is None:
+                self.progress_id = create_progress_artifact(
+                    percent, key=artifact_key("progress", self.name), description=text
+                )
+            else:
+                update_progress_artifact(self.progress_id, percent, description=text)
+        elif kind == "table":
+            create_table_artifact(event["table"], key=artifact_key(event["key"]), description=event["description"])
+
+
+def progress_text(event):
+    eta = event["eta_s"]
+    fid = event["fid"]
+    return " · ".join(
+        [
+            f"**{event['stage']}**: {event['kimg']:.2f} / {event['total_kimg']:g} kimg",
+            f"{event['images_per_s']:.1f} images/s",
+            "ETA " + (f"{eta / 60:.1f} min" if eta is not None else "unknown"),
+            "monitoring FID " + (f"{fid:.3f}" if fid is not None else "not measured yet"),
+        ]
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def run_stage(root: str, name: str, parent_run_id: str | None):
-    """Run one DVC stage if DVC says it changed; returns its outputs' paths and hashes."""
+    """Run one DVC stage if DVC says it changed; returns its outputs' paths and hashes (a stage DVC skips ends in
+    the state `Cached`, not `Completed`)."""
     logger = get_run_logger()
     task_started = time.time()
     changed, cmd = stage_changed(root, name)
     if not changed:
         logger.info("%s is up to date (DVC); skipped", name)
-        return {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
+        result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
+        return Completed(name="Cached", message="up to date in DVC: not run", data=result)
     with POOL.acquire() as group:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, group))}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, group)), "DISTILLERY_EVENTS": "1"}
         if not group and POOL.cpu_threads:
             env.setdefault("OMP_NUM_THREADS", str(POOL.cpu_threads))
         if parent_run_id:
@@ -133,8 +191,13 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         proc = subprocess.Popen(
             args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        artifacts = Artifacts(name, logger)
         for line in proc.stdout:
-            logger.info(line.rstrip())
+            text, event = events.parse(line)
+            if text.strip() or event is None:
+                logger.info(text.rstrip())
+            if event is not None:
+                artifacts(event)
         if proc.wait() != 0:
             raise RuntimeError(f"stage {name} failed with exit code {proc.returncode}")
         finished = time.time()
@@ -173,12 +236,24 @@ class StagesFailed(RuntimeError):
         super().__init__(f"stages failed or not run: {', '.join(failed)}")
 
 
+RESULTS = "reports/results.md"
+
+
 @flow(name="distillery")
 def pipeline_flow(
-    root: str, gpus: list[int], gpus_per_stage: int, retries: int, max_parallel: int, parent_run_id: str | None = None
+    root: str,
+    gpus: list[int],
+    gpus_per_stage: int,
+    retries: int,
+    max_parallel: int,
+    parent_run_id: str | None = None,
+    mlflow_url: str | None = None,
 ):
     global POOL
     POOL = GPUPool(gpus, gpus_per_stage, cpu_threads=max(1, (os.cpu_count() or 1) // max_parallel))
+    if mlflow_url:
+        get_run_logger().info("MLflow runs of this flow: %s", mlflow_url)
+        create_link_artifact(mlflow_url, link_text="MLflow runs of this flow", key="mlflow-pipeline")
     graph = stage_graph(root)
     futures = {}
     for name in topological(graph):
@@ -188,6 +263,13 @@ def pipeline_flow(
         )
     wait(list(futures.values()))
     states = {name: f.state for name, f in futures.items()}
+    results = Path(root) / RESULTS
+    if "report" in states and states["report"].is_completed() and results.is_file():
+        # the figures' relative links would not resolve in the Prefect UI: name the files instead
+        text = re.sub(r"!\[([^]]*)\]\(([^)]+)\)", r"(figure: reports/\2)", results.read_text())
+        create_markdown_artifact(
+            text, key="results", description="The results table (reports/results.md), as DVC records it"
+        )
     if not all(state.is_completed() for state in states.values()):
         raise StagesFailed(states)  # the flow run ends Failed; finished stages stay recorded in DVC
     return states
@@ -196,12 +278,26 @@ def pipeline_flow(
 def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
     """Run the DAG under Prefect inside one MLflow parent run; returns {stage: final Prefect state}.
 
+    The flow run is named after the profile and the git commit and tagged with both and the GPUs.
     Raises StagesFailed (carrying every stage's state) when a stage failed; its downstream stages do not run."""
-    from pipeline.tracking import parent_run
+    from prefect import tags
+
+    from pipeline.params import load_params
+    from pipeline.tracking import git_commit, parent_run, ui_url
 
     root = str(Path(root).resolve())
     runner = ThreadPoolTaskRunner(max_workers=max_parallel)
-    with parent_run(root, "distillery run") as run_id:
-        return pipeline_flow.with_options(task_runner=runner)(
-            root, list(gpus), gpus_per_stage, retries, max_parallel, run_id
+    profile = load_params(Path(root) / "params.yaml").profile
+    os.environ["DISTILLERY_ROOT"] = root
+    commit = git_commit()[:8]
+    gpu_tag = f"gpus:{','.join(map(str, gpus))}" if gpus else "gpus:none (CPU)"
+    with parent_run(root, "distillery run") as info, tags(f"profile:{profile}", f"commit:{commit}", gpu_tag):
+        return pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{profile} @ {commit}")(
+            root,
+            list(gpus),
+            gpus_per_stage,
+            retries,
+            max_parallel,
+            info.run_id,
+            ui_url(info.experiment_id, info.run_id),
         )

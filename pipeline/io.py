@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+WRITTEN: list[Path] = []  # the files this process put in place, in order (their hashes tag its MLflow run)
+
 
 @contextmanager
 def atomic_path(final, is_dir=False):
@@ -25,6 +27,7 @@ def atomic_path(final, is_dir=False):
             shutil.rmtree(trash)
         else:
             os.replace(target, final)
+            WRITTEN.append(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.runtime import quiet_defaults
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import experiment_links, tracking_uri
 
 
 def wait_healthy(url, proc, timeout=120):
@@ -97,6 +97,9 @@ def serve_uis(prefect_port, mlflow_port):
         return  # start_servers has stopped what it started
     for name, url, _ in started:
         print(f"{name}: {url}")
+    os.environ["DISTILLERY_MLFLOW_UI"] = f"http://127.0.0.1:{mlflow_port}"
+    for experiment, url, fid_view in experiment_links():
+        print(f"  {experiment}: {url}\n    FID over training of its current distill runs: {fid_view}")
     print(
         f"Flows reach the Prefect server with PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api. Ctrl-C stops both.",
         flush=True,

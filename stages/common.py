@@ -49,6 +49,19 @@ def run_tags(params, args):
     return {**tags, "seed": params.seed}
 
 
+def run_params(params, args):
+    """What a run's MLflow run logs as params: the shared settings it trains and samples with and its own method's
+    settings, none of another method's (so that runs of different methods compare on what they have)."""
+    run = find_run(params, args.run)
+    return {
+        "profile": params.profile,
+        "seed": params.seed,
+        "distill": params.distill.for_method(run.method).model_dump(exclude={"per_method"}),
+        "evaluation": params.evaluation.model_dump(),
+        run.method: params.settings(run),
+    }
+
+
 def feature_net():
     """The FID/IS/KID feature network the `features` stage made (its identity is in the DVC-tracked directory,
     never read from params, so that no stage measures with another extractor than the one DVC recorded)."""

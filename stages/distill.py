@@ -12,8 +12,10 @@ from typing import NamedTuple
 
 import torch
 
+from pipeline.events import Progress
 from pipeline.io import atomic_path, write_json
 from pipeline.runtime import CHECKPOINT_DIR, distributed, fingerprint, kimg_bar, seed_everything
+from pipeline.tracking import METRIC_COLUMNS
 
 from distillery.checkpoint import load_config, load_network, save_network
 from distillery.data import load_dataset, load_labels
@@ -21,7 +23,7 @@ from distillery.metrics import extract_features, fid_from_statistics, fid_statis
 from distillery.sampling import generate
 from distillery.training import DistillConfig, TrainingData, distill
 
-from stages.common import RUN_ARGUMENTS, feature_net, find_run, reference, run_stage_name, run_tags
+from stages.common import RUN_ARGUMENTS, feature_net, find_run, reference, run_params, run_stage_name, run_tags
 from stages.paths import DATASET, TEACHER_DIR, distill_metrics, fid_curve, run_dir
 from stages.skeleton import run_stage
 
@@ -133,20 +135,25 @@ def run(params, args, run):
         aux = method.make_aux(teacher)
         data = training_data(method, teacher.label_dim)
         bar = kimg_bar(config.duration_kimg, f"distill {name}") if rank == 0 else None
-        logged = [0]
+        live = Progress(run_stage_name("distill")(params, args), config.duration_kimg)
+        log_every = max(config.batch, int(config.duration_kimg * 1000) // 200)  # ~200 points per loss curve
+        seen = {"nimg": 0, "logged": -log_every}
         monitor = fid_monitor(params, method, teacher, dev)
 
         def progress(nimg, losses):
+            seen["nimg"] = nimg
             bar.n = nimg / 1000
             bar.update(0)
-            if nimg - logged[0] >= 1000:
-                run.log_metrics(losses, step=nimg // 1000)
-                logged[0] = nimg
+            live.update(nimg / 1000)
+            if nimg - seen["logged"] >= log_every:
+                run.log_metrics(losses, step=nimg)  # step: images seen, so short runs still resolve
+                seen["logged"] = nimg
 
         def tracked_monitor(ema):
             value = monitor(ema)
             bar.set_postfix(fid=f"{value:.3f}")
-            run.log_metrics({"monitor_fid": value}, step=round(bar.n))
+            run.log_metrics({"fid": value}, step=seen["nimg"])
+            live.update(seen["nimg"] / 1000, fid=value, force=True)
             return value
 
         checkpoint = CHECKPOINT_DIR / f"distill-{name}.pt"
@@ -191,11 +198,17 @@ def run(params, args, run):
                     time.perf_counter() - start,
                 )
             )
-            run.log_metrics(
-                {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            )
+            run.log_metrics({k: summary[k] for k in METRIC_COLUMNS["distill"]})
             checkpoint.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    run_stage("distill", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=run_stage_name("distill"), tags=run_tags)
+    run_stage(
+        "distill",
+        run,
+        doc=__doc__,
+        arguments=RUN_ARGUMENTS,
+        instance=run_stage_name("distill"),
+        tags=run_tags,
+        logged=run_params,
+    )

@@ -3,6 +3,7 @@ images/s of a distilled generator."""
 
 import torch
 
+from pipeline import events
 from pipeline.io import write_json
 from pipeline.runtime import device
 
@@ -17,6 +18,7 @@ from stages.common import (
     find_run,
     measure,
     protocol,
+    run_params,
     run_stage_name,
     run_tags,
     save_grid,
@@ -89,9 +91,31 @@ def run(params, args, run):
         "covariate_shift": shift,
     }
     write_json(eval_metrics(name), summary)
-    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    measured = {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_MEASURED
+    }
+    run.log_metrics(measured)
     run.log_artifact(GRIDS / f"{name}.png")
+    events.emit(
+        "table",
+        key=f"evaluate-{name}",
+        description=f"{name}: the best checkpoint (the last one: *_last); protocol in {eval_metrics(name)}",
+        table=[{"metric": k, "value": v} for k, v in measured.items()],
+    )
+
+
+NOT_MEASURED = {"lr", "nfe", "kimg", "best_kimg", "batch", "steps"}  # settings, logged as params
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", run, doc=__doc__, arguments=RUN_ARGUMENTS, instance=run_stage_name("evaluate"), tags=run_tags)
+    run_stage(
+        "evaluate",
+        run,
+        doc=__doc__,
+        arguments=RUN_ARGUMENTS,
+        instance=run_stage_name("evaluate"),
+        tags=run_tags,
+        logged=run_params,
+    )

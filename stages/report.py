@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from pipeline.io import atomic_path, write_text
 from pipeline.published import published_rows
+from pipeline.tracking import mark_current
 
 from distillery.registry import METHODS
 
@@ -132,7 +133,8 @@ def results_table(params):
     rows = [teacher_row(teacher)]
     for run in runs:
         train = read_json(distill_metrics(run.name))
-        rows.append(student_row(evals[run.name], train, params.report.diverged_factor, states_text(run, params)))
+        row = student_row(evals[run.name], train, params.report.diverged_factor, states_text(run, params))
+        rows.append({**row, "lr": run.lr_text})  # as written in params.yaml
     table = pd.DataFrame(rows, columns=COLUMNS)
     if not params.fewstep.methods:
         table = table.drop(columns="states")
@@ -172,7 +174,6 @@ def formatted(table, protocol):
         shown["FID"] = [f"{f:.3f} ± {s:.3f}" for f, s in zip(shown["FID"], shown["FID std"])]
     shown = shown.drop(columns="FID std")
     for col, fmt in [
-        ("lr", "{:g}"),
         ("FID", "{:.3f}"),
         ("FID (last)", "{:.3f}"),
         ("IS", "{:.2f}"),
@@ -185,9 +186,15 @@ def formatted(table, protocol):
         ("batch", "{:.0f}"),
     ]:
         shown[col] = shown[col].map(lambda v, fmt=fmt: cell(v, fmt))
-    if "states" in shown:
-        shown["states"] = shown["states"].map(lambda v: cell(v, "{}"))
-    return shown.to_markdown(index=False)
+    for col in ("states", "lr"):
+        if col in shown:
+            shown[col] = shown[col].map(lambda v: cell(v, "{}"))
+    # the cells are formatted above: no number parsing, which would print lr 1e-4 as 0.0001
+    align = ["left" if col in TEXT_COLUMNS else "right" for col in shown.columns]
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+TEXT_COLUMNS = {"method", "states", "checkpoint", "status"}
 
 
 def published_section(profile):
@@ -351,6 +358,8 @@ def run(params, args, run):
     write_text(RESULTS_MD, markdown(table, params, teacher, n_real, protocol, read_json(metrics("teacher")), shift))
     for path in (RESULTS_MD, RESULTS_CSV, LR_FIGURE, FEWSTEP_FIGURE, SHIFT_FIGURE, SHIFT_CSV):
         run.log_artifact(path)
+    run.log_table(table, "results_table.json")  # MLflow's table view of the results
+    mark_current()  # DVC has recorded every upstream stage: tag the runs it points to, under plain `dvc repro` too
     print(Path(RESULTS_MD).read_text())
 
 

@@ -31,13 +31,24 @@ class Silent:
     def log_artifact(self, path):
         pass
 
+    def log_table(self, frame, artifact_file):
+        pass
 
-def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None):
+
+def shared_params(params, args=None):
+    """What a stage logs to MLflow by default: the sections that belong to no method and no run."""
+    from distillery.registry import METHODS
+
+    return {k: v for k, v in params.model_dump().items() if k not in {*METHODS, "study", "fewstep", "distill"}}
+
+
+def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, logged=shared_params):
     """Run the stage `stage`: parse `arguments` ({flag: help}, all required), load params.yaml, resolve the stage's
     name, open its MLflow run and call `body(params, args, run)`.
 
     instance(params, args): the DVC name of a foreach/matrix stage (`distill@<suffix>`), raising InvalidInput when
-    params.yaml defines no such stage; tags(params, args): the MLflow tags of the run (logged as params too).
+    params.yaml defines no such stage; tags(params, args): the MLflow tags of the run (logged as params too);
+    logged(params, args): the params the run logs.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, help in (arguments or {}).items():
@@ -47,12 +58,13 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None):
     try:
         name = instance(params, args) if instance else stage
         run_tags = tags(params, args) if tags else {}
+        logged_params = logged(params, args)
     except InvalidInput as e:
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        with stage_run(name, params.model_dump(), tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run:
+        with stage_run(name, logged_params, tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run:
             body(params, args, run)
     except StageFailed as e:
         print(f"{name}: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from pipeline.events import Progress
 from pipeline.io import atomic_path, write_json
 from pipeline.pins import fetch
 from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
@@ -64,14 +65,17 @@ def train(params, run):
     images = torch.from_numpy(images)
     labels = torch.eye(num_classes)[torch.from_numpy(labels)] if config["label_dim"] else None
     bar = kimg_bar(t.duration_kimg, "teacher")
-    last_logged = [0]
+    live = Progress("teacher", t.duration_kimg)
+    log_every = max(t.batch, int(t.duration_kimg * 1000) // 200)  # ~200 points on the loss curve
+    last_logged = [-log_every]
 
     def progress(nimg, losses):
         bar.n = nimg / 1000
         bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
         bar.update(0)
-        if nimg - last_logged[0] >= 1000:
-            run.log_metrics(losses, step=nimg // 1000)
+        live.update(nimg / 1000)
+        if nimg - last_logged[0] >= log_every:
+            run.log_metrics(losses, step=nimg)  # step: images seen
             last_logged[0] = nimg
 
     start = time.perf_counter()

@@ -57,7 +57,7 @@ def test_repro_builds_the_results_table(repo):
         assert m["protocol"]["seeds"] == "0-399" and m["protocol"]["aggregate"] == "mean"
     md = (repo / "reports" / "results.md").read_text()
     assert "| SiD" in md and "teacher" in md and "FID protocol: 2 trials of 200 samples (seeds 0–199, 200–399)" in md
-    assert re.search(r"\| SiD +\| +0\.0001 +\| +16 +\| +1 +\| +\d+\.\d{3} ± \d+\.\d{3}", md)
+    assert re.search(r"\| SiD +\| +1e-4 +\| +16 +\| +1 +\| +\d+\.\d{3} ± \d+\.\d{3}", md)  # lr as written
     for name in ["teacher", "sid-1e-4", "sid-3e-5"]:
         assert (repo / "reports" / "grids" / f"{name}.png").stat().st_size > 0
     assert (repo / "preference" / "teacher-vs-sid-1e-4" / "study" / "index.html").exists()
