@@ -13,6 +13,7 @@ GRIDS = Path("reports/grids")
 RESULTS_MD = "reports/results.md"
 RESULTS_CSV = "reports/results.csv"
 LR_FIGURE = "reports/lr_robustness.png"
+FID_CURVES_FIGURE = "reports/fid_curves.png"
 FEWSTEP_FIGURE = "reports/fewstep.png"
 SHIFT_FIGURE = "reports/covariate_shift.png"
 SHIFT_CSV = "reports/covariate_shift.csv"

@@ -25,6 +25,7 @@ from stages.paths import (
     fid_curve,
     metrics,
 )
+from stages.report_curves import write_fid_curves
 from stages.report_fewstep import fewstep_figure, fewstep_frame, shift_figure, shift_frame, shift_table
 from stages.skeleton import StageFailed, run_stage
 
@@ -351,6 +352,7 @@ def run(params, args, run):
     n_real = read_json(metrics("reference_stats"))["num_images"]
     shift = shift_frame(params, evals)
     lr_robustness_figure(params, LR_FIGURE)
+    run.log_artifact(write_fid_curves(params))
     fewstep_figure(fewstep_frame(params, evals), params.profile, FEWSTEP_FIGURE)
     shift_figure(shift, params.profile, SHIFT_FIGURE)
     write_text(SHIFT_CSV, shift.to_csv(index=False))

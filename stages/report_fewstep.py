@@ -34,7 +34,8 @@ def fewstep_frame(params, evals):
 def no_runs_figure(path, what):
     """The figure of a profile without few-step runs says so (DVC expects the file)."""
     fig = Figure(figsize=(6, 1.2))
-    fig.text(0.5, 0.5, f"No few-step runs in this profile (fewstep.methods is empty): no {what}.", ha="center")
+    text = f"No few-step runs in this profile (fewstep.methods is empty):\nno {what}."  # two lines: fits 6 in
+    fig.text(0.5, 0.5, text, ha="center", va="center", multialignment="center")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 
