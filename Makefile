@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 unexport PYTHONDONTWRITEBYTECODE
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test install clean
+.PHONY: demo test test-ui install clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The Prefect and MLflow UIs in Chromium against real servers and a micro flow (minutes; Debian's chromium).
+test-ui: install
+	$(BIN)/python -m pytest -m ui tests/test_ui.py
 
 clean:
 	rm -rf $(VENV) checkpoints mlflow.db mlruns

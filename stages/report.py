@@ -22,7 +22,6 @@ from stages.paths import (
     SHIFT_FIGURE,
     distill_metrics,
     eval_metrics,
-    fid_curve,
     metrics,
 )
 from stages.report_curves import write_fid_curves
@@ -142,22 +141,26 @@ def results_table(params):
     return table, protocol, evals
 
 
-def lr_robustness_figure(params, path):
-    """FID over training, one curve per method, one panel per learning rate (the SIM paper's layout)."""
-    lrs = params.study.lrs
-    fig = Figure(figsize=(4.2 * len(lrs) + 1.4, 3.4))
-    axes = fig.subplots(1, len(lrs), sharey=True, squeeze=False)
-    for ax, lr in zip(axes[0], lrs):
-        for method in params.study.methods:
-            curve = pd.read_csv(fid_curve(f"{method}-{lr}"))
-            ax.plot(curve["kimg"], curve["fid"], marker=".", label=METHODS[method].display)
-        ax.set_title(f"lr = {lr}")
-        ax.set_xlabel("training images (kimg)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel(f"FID ({params.distill.monitor_samples} samples)")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels: curves stay visible
-    fig.suptitle(f"Learning-rate robustness — profile {params.profile}")
+def lr_robustness_figure(params, table, path):
+    """FID of the best checkpoint against the learning rate, one line per one-step method: how much each method's
+    result depends on its rate (each method at its own rates, study.per_method)."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    fids = table["FID"].iloc[1:]  # the rows after the teacher's are the runs, in params.runs() order
+    one_step = [(run, fid) for run, fid in zip(params.runs(), fids) if run.steps is None]
+    for method in params.study.methods:
+        points = sorted((run.lr, fid) for run, fid in one_step if run.method == method)
+        ax.plot([lr for lr, _ in points], [fid for _, fid in points], marker="o", label=METHODS[method].display)
+    lrs = sorted({(run.lr, run.lr_text) for run, _ in one_step})
+    ax.set_xscale("log")
+    ax.set_xticks([x for x, _ in lrs], [text for _, text in lrs])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("learning rate (as written in params.yaml)")
+    ax.set_ylabel("FID (best checkpoint)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    ax.set_title(f"Learning-rate robustness — profile {params.profile}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -328,9 +331,13 @@ def markdown(table, params, teacher, n_real, protocol, teacher_stage, shift):
             f"{params.report.diverged_factor:g}× its best.",
             "",
             *fewstep_section(params, shift),
+            "## Learning-rate robustness",
+            "",
+            "![FID of the best checkpoint against the learning rate, per method](lr_robustness.png)",
+            "",
             "## FID over training",
             "",
-            "![FID vs kimg per method and learning rate](lr_robustness.png)",
+            "![Monitoring FID over training images, per method and learning rate](fid_curves.png)",
             "",
             "## Published",
             "",
@@ -351,7 +358,7 @@ def run(params, args, run):
     teacher = read_json(metrics("teacher_samples"))
     n_real = read_json(metrics("reference_stats"))["num_images"]
     shift = shift_frame(params, evals)
-    lr_robustness_figure(params, LR_FIGURE)
+    lr_robustness_figure(params, table, LR_FIGURE)
     run.log_artifact(write_fid_curves(params))
     fewstep_figure(fewstep_frame(params, evals), params.profile, FEWSTEP_FIGURE)
     shift_figure(shift, params.profile, SHIFT_FIGURE)
