@@ -223,11 +223,16 @@ def locked_md5s(root):
 
 
 def mark_current(root=None, experiments=None):
-    """Tag every stage run `current` true when dvc.lock points to its outputs, else false (history)."""
+    """Tag every stage run `current` true when dvc.lock points to its outputs, else false (history). dvc.lock keeps
+    the entries of stages since removed from dvc.yaml: a run of a removed lr is history too."""
     import mlflow
 
+    from pipeline.params import load_params
+
+    root = Path(root or repo_root())
     mlflow.set_tracking_uri(tracking_uri())
-    locked = locked_md5s(root or repo_root())
+    locked = locked_md5s(root)
+    runs = {run.name for run in load_params(root / "params.yaml").runs()}
     names = experiments or [e.name for e in mlflow.search_experiments() if e.name.startswith("distillery-")]
     if not names:
         return
@@ -236,8 +241,13 @@ def mark_current(root=None, experiments=None):
         experiment_names=names, filter_string="tags.stage != 'pipeline'", output_format="list"
     ):
         tags = run.data.tags
+        stage = tags.get("dvc_stage", "")
         written = set(tags.get("outputs_md5", "").split())
-        current = "true" if written and written <= locked.get(tags.get("dvc_stage"), set()) else "false"
+        live = "method" not in tags or stage.partition("@")[2] in runs  # a run stage of params.yaml's study
+        if written:
+            current = "true" if live and written <= locked.get(stage, set()) else "false"
+        else:  # only directories written (no file hash to match): the latest successful run stays current
+            current = "true" if live and stage in locked and tags.get("current") == "true" else "false"
         if tags.get("current") != current:
             client.set_tag(run.info.run_id, "current", current)
 

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -94,6 +95,26 @@ def test_every_stage_is_an_mlflow_run_with_tags(repo):
     assert len(str(distill["tags.git_commit"])) == 40
 
 
+def test_a_distill_run_logs_its_own_params_and_curves_over_images_seen(repo):
+    repo, _ = repo
+    code = (
+        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient();"
+        "(r,) = mlflow.search_runs(search_all_experiments=True, output_format='list',"
+        " filter_string=\"tags.dvc_stage = 'distill@sid-1e-4'\");"
+        "e = c.get_experiment(r.info.experiment_id);"
+        "print(json.dumps({'params': sorted(r.data.params), 'metrics': sorted(r.data.metrics),"
+        " 'kind': e.tags.get('mlflow.experimentKind'), 'parent': r.data.tags.get('mlflow.parentRunId'),"
+        " 'fid': [m.step for m in c.get_metric_history(r.info.run_id, 'fid')],"
+        " 'loss': [m.step for m in c.get_metric_history(r.info.run_id, 'loss_g')]}))"
+    )
+    run = json.loads(sh([sys.executable, "-c", code], repo).stdout)
+    assert run["kind"] == "custom_model_development" and run["parent"]  # model training; grouped under dvc repro
+    assert "sid.alpha" in run["params"] and "distill.batch" in run["params"]
+    assert not [p for p in run["params"] if p.startswith(("teacher.", "study.", "fewstep.", "sim.", "gdd."))]
+    assert not {"lr", "batch", "sigma_init", "kimg"} & set(run["metrics"])  # settings are params, not metrics
+    assert run["fid"] == [64, 128] and len(run["loss"]) > 2  # step = images seen: short runs resolve
+
+
 def test_changing_one_lr_reruns_only_its_stages(repo):
     repo, _ = repo
     params = (repo / "params.yaml").read_text()
@@ -102,3 +123,15 @@ def test_changing_one_lr_reruns_only_its_stages(repo):
     assert stages_run(result.stdout) == {"distill@sid-2e-4", "evaluate@sid-2e-4", "report"}
     table = pd.read_csv(repo / "reports" / "results.csv")
     assert sorted(table["lr"].dropna()) == [3e-5, 2e-4]
+
+
+def test_compare_shows_the_runs_dvc_lock_points_to_or_all_with_history(repo):
+    repo, _ = repo  # after the test above, which replaced lr 1e-4 by 2e-4
+    distillery = str(Path(sys.executable).parent / "distillery")
+    current = sh([distillery, "compare"], repo).stdout
+    rows = {line.split("|")[1].strip(): line for line in current.splitlines() if "evaluate@" in line}
+    assert set(rows) == {"evaluate@sid-2e-4", "evaluate@sid-3e-5"}
+    assert "| 2e-4 " in rows["evaluate@sid-2e-4"]  # the lr as written in params.yaml
+    history = sh([distillery, "compare", "--all"], repo).stdout
+    old = [line for line in history.splitlines() if "evaluate@sid-1e-4" in line]
+    assert len(old) == 1 and old[0].rstrip(" |").endswith("false")
