@@ -27,25 +27,25 @@ def test_shipped_params_are_valid_and_list_the_study():
     assert [tuple(run[:3]) for run in params.runs()[:2]] == [("sid", 3e-4, "sid-3e-4"), ("sid", 3e-5, "sid-3e-5")]
     study, fewstep = params.runs()[:10], params.runs()[10:]
     assert tuple(study[-1][:3]) == ("gdd_i", 3e-5, "gdd_i-3e-5") and all(run.steps is None for run in study)
-    # the few-step study: method × lr × K × variant, named as DVC names its stages
-    assert [run.name for run in fewstep[:3]] == ["dmd2-2e-4-1-plain", "dmd2-2e-4-1-ddil", "dmd2-2e-4-2-plain"]
-    assert len(fewstep) == 12 and {(run.method, run.steps, run.variant) for run in fewstep} == {
-        (m, k, v) for m in ("dmd2", "cd") for k in (1, 2, 4) for v in ("plain", "ddil")
+    # the few-step study: method × its own lr (fewstep.per_method) × K × variant, named as DVC names its stages
+    assert [run.name for run in fewstep[:3]] == ["dmd2-3e-4-1-plain", "dmd2-3e-4-1-ddil", "dmd2-3e-4-2-plain"]
+    assert len(fewstep) == 12 and {(run.method, run.lr_text, run.steps, run.variant) for run in fewstep} == {
+        (m, lr, k, v) for m, lr in (("dmd2", "3e-4"), ("cd", "1e-4")) for k in (1, 2, 4) for v in ("plain", "ddil")
     }
 
 
 def test_a_fewstep_run_takes_its_k_and_variant_over_its_methods_section():
     params = load_params(ROOT / "params.yaml")
     runs = {run.name: run for run in params.runs()}
-    plain, ddil = params.settings(runs["cd-2e-4-4-plain"]), params.settings(runs["cd-2e-4-4-ddil"])
+    plain, ddil = params.settings(runs["cd-1e-4-4-plain"]), params.settings(runs["cd-1e-4-4-ddil"])
     assert (plain["steps"], plain["ddil"], plain["reflect"]) == (4, None, False)
     assert (ddil["steps"], ddil["ddil"], ddil["reflect"]) == (4, (1.0, 1.0, 1.0), True)
-    assert params.method(runs["dmd2-2e-4-2-ddil"]).nfe == 2
+    assert params.method(runs["dmd2-3e-4-2-ddil"]).nfe == 2
 
 
 def test_a_fewstep_run_its_method_cannot_take_is_refused_before_any_compute():
     raw = toy()
-    raw["fewstep"].update(methods=["pd"], steps=[3])
+    raw["fewstep"].update(methods=["pd"], steps=[3], per_method={})
     raw["pd"] = {"teacher_steps": 16}
     with pytest.raises(ParamsError, match="fewstep run pd-2e-4-3-plain: teacher_steps / steps must be a power of 2"):
         parse_params(raw)
@@ -223,7 +223,7 @@ def test_validate_and_stages_refuse_an_unquoted_learning_rate_quoting_it_as_writ
     text = (ROOT / "params.yaml").read_text()
     for old, new in [
         ('lrs: ["3e-4", "3e-5"]', 'lrs: [3e-4, "3e-5"]'),
-        ('lrs: ["2e-4"]', 'lrs: ["2e-4"]\n  per_method: {dmd2: {lrs: [3.0e-4]}}'),
+        ('dmd2: {lrs: ["3e-4"]}', "dmd2: {lrs: [3.0e-4]}"),
     ]:
         assert old in text
         text = text.replace(old, new)

@@ -18,7 +18,7 @@ def test_the_committed_runs_file_is_that_of_params_yaml():
     assert (ROOT / "runs.yaml").read_text() == render(params) and check(ROOT, params) is None
     runs = yaml.safe_load((ROOT / "runs.yaml").read_text())
     assert runs["study_runs"]["sid-3e-4"] == {"method": "sid"} and len(runs["study_runs"]) == 10
-    assert runs["fewstep_runs"]["dmd2-2e-4-1-plain"] == {"method": "dmd2"} and "cd-2e-4-4-ddil" in runs["fewstep_runs"]
+    assert runs["fewstep_runs"]["dmd2-3e-4-1-plain"] == {"method": "dmd2"} and "cd-1e-4-4-ddil" in runs["fewstep_runs"]
 
 
 def per_method_params():
