@@ -40,7 +40,7 @@ def main():
     torch.set_grad_enabled(False)
 
     teacher_metrics = json.loads(Path("metrics/teacher_samples.json").read_text())
-    students = {name: json.loads(Path(f"metrics/eval/{name}.json").read_text()) for _, _, name in params.runs()}
+    students = {run.name: json.loads(Path(f"metrics/eval/{run.name}.json").read_text()) for run in params.runs()}
     best_name = min(students, key=lambda n: students[n]["fid"])
     best = students[best_name]
 

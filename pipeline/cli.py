@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline.params import ParamsError, load_params
+from pipeline.runs_file import sync as sync_runs_file
 
 
 def cmd_validate(args):
@@ -24,6 +25,7 @@ def cmd_validate(args):
             )
     runs = ", ".join(run.name for run in params.runs())
     print(f"{args.params}: valid (profile {params.profile}; runs: {runs})")
+    sync_runs_file(args.params, params)  # the runs dvc.yaml expands
 
 
 def parse_gpus(text):
@@ -37,7 +39,7 @@ def cmd_run(args):
 
     quiet_defaults()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    load_params(args.params)  # refuse a bad params.yaml before starting anything
+    sync_runs_file(args.params, load_params(args.params))  # refuse a bad params.yaml, write runs.yaml, before all
     from pipeline.flow import StagesFailed, run
 
     try:
@@ -81,7 +83,7 @@ def cmd_repro(args):
     from pipeline.tracking import parent_run
 
     quiet_defaults()
-    load_params(args.params)
+    sync_runs_file(args.params, load_params(args.params))  # runs.yaml before DVC reads dvc.yaml
     with parent_run(Path.cwd(), "dvc repro") as info:
         env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": info.run_id}
         return subprocess.run(["dvc", "repro", *args.targets], env=env).returncode

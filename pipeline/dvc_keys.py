@@ -1,15 +1,19 @@
-"""The params keys DVC reads: the `params` entries of dvc.yaml's stages, a matrix stage's `${item.method}` standing
-for each method of its study. DVC refuses a params.yaml that lacks one of them, where the schema would fill in a
-default, so `distillery validate` checks them as DVC will."""
+"""The params keys DVC reads: the `params` entries of dvc.yaml's stages, `${item.method}` of a stage over the runs of
+runs.yaml (`foreach: ${study_runs}` or `${fewstep_runs}`) standing for each method of that study. DVC refuses a
+params.yaml that lacks one of them, where the schema would fill in a default, so `distillery validate` checks them as
+DVC will."""
 
 import yaml
+
+# the runs of runs.yaml a foreach stage iterates, and the section of params.yaml whose methods they are
+STUDIES = {"${study_runs}": "study", "${fewstep_runs}": "fewstep"}
 
 
 def dvc_params_keys(dvc_yaml_text, raw_params):
     """Every dotted params key the stages of dvc.yaml read, for the studies of `raw_params` (params.yaml as read)."""
     keys = set()
     for stage in yaml.safe_load(dvc_yaml_text)["stages"].values():
-        study = "fewstep" if stage.get("matrix", {}).get("method") == "${fewstep.methods}" else "study"
+        study = STUDIES.get(stage.get("foreach"), "study")
         methods = ((raw_params or {}).get(study) or {}).get("methods") or []
         for entry in stage.get("do", stage).get("params", []):
             for name in entry if isinstance(entry, dict) else [entry]:

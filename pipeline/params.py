@@ -6,6 +6,8 @@ value is refused before any compute, with the offending key named.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
@@ -22,6 +24,7 @@ from pydantic import (
 )
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.nodes import MappingNode, SequenceNode
 
 from pipeline.preference_params import PreferenceParams
 
@@ -211,20 +214,21 @@ class EvaluationParams(Section):
         return self.feature_weights or INCEPTION_WEIGHTS
 
 
-def positive_number(value):
-    """A learning rate as written in params.yaml (number or string), checked to be a positive float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number, got {value!r}") from None
-    if not number > 0:
-        raise ValueError(f"must be > 0, got {value!r}")
+# a learning rate as written: DVC names a run's stages after this text (distill@sid-3e-4)
+DECIMAL = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def positive_decimal(value):
+    """A learning rate: a string holding a positive decimal or scientific number ("3e-4", "0.0003")."""
+    if not re.fullmatch(DECIMAL, value):
+        raise ValueError('expected a number written as a decimal string, like "3e-4" or "0.0003"')
+    if not float(value) > 0:
+        raise ValueError("must be > 0")
     return value
 
 
-LearningRate = Annotated[int | float | str, AfterValidator(positive_number)]
+# strict: a YAML number is refused (parse_params says how to write it), never turned into text
+LearningRate = Annotated[str, Field(strict=True), AfterValidator(positive_decimal)]
 
 
 def unique(values):
@@ -233,18 +237,44 @@ def unique(values):
     return values
 
 
+def unique_rates(values):
+    unique([float(v) for v in values])
+    return values
+
+
+class MethodRates(Section):
+    """One method's learning rates, in place of its study's `lrs`."""
+
+    lrs: list[LearningRate] = Field(min_length=1)
+
+    _unique = field_validator("lrs")(unique_rates)
+
+
+def methods_of_study(per_method, info):
+    """A `per_method` entry must name a method of the study it overrides."""
+    methods = info.data.get("methods")
+    stray = [m for m in per_method if methods is not None and m not in methods]
+    if stray:
+        raise ValueError(
+            f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} not in methods ({', '.join(methods)}): "
+            f"per_method gives a method of the study its own lrs"
+        )
+    return per_method
+
+
 class StudyParams(Section):
     methods: list[MethodName] = Field(default=["sid"], min_length=1)
-    # kept as written: DVC names the stages after the rendered value (distill@sid-1e-4)
+    # kept as written: DVC names the stages after the text (distill@sid-1e-4)
     lrs: list[LearningRate] = Field(default=["1e-4", "3e-5"], min_length=1)
+    per_method: dict[MethodName, MethodRates] = {}  # a method's own lrs, in place of `lrs`
 
     _unique = field_validator("methods")(unique)
+    _unique_lrs = field_validator("lrs")(unique_rates)
+    _per_method = field_validator("per_method")(methods_of_study)
 
-    @field_validator("lrs")
-    @classmethod
-    def unique_lrs(cls, values):
-        unique([float(v) for v in values])
-        return values
+    def lrs_of(self, method):
+        """The learning rates `method` is studied at: its own `per_method` list, or `lrs`."""
+        return self.per_method[method].lrs if method in self.per_method else self.lrs
 
 
 class FewStepParams(Section):
@@ -254,18 +284,17 @@ class FewStepParams(Section):
 
     methods: list[FewStepName] = []
     lrs: list[LearningRate] = Field(default=["1e-4"], min_length=1)
+    per_method: dict[FewStepName, MethodRates] = {}  # a method's own lrs, in place of `lrs`
     steps: list[PosInt] = Field(default=[1, 2, 4], min_length=1)
     variants: list[Literal["plain", "ddil"]] = Field(default=["plain", "ddil"], min_length=1)
     ddil: tuple[NonNegative, NonNegative, NonNegative] = (1.0, 1.0, 1.0)  # unpublished: equal weights are ours
     reflect: bool = True
 
     _unique = field_validator("methods", "steps", "variants")(unique)
+    _unique_lrs = field_validator("lrs")(unique_rates)
+    _per_method = field_validator("per_method")(methods_of_study)
 
-    @field_validator("lrs")
-    @classmethod
-    def unique_lrs(cls, values):
-        unique([float(v) for v in values])
-        return values
+    lrs_of = StudyParams.lrs_of
 
     @field_validator("ddil")
     @classmethod
@@ -417,13 +446,13 @@ class Params(MethodSections):
         return METHODS[run.method].build(**self.settings(run))
 
     def runs(self):
-        """Every distillation run: the study's method × lr, then the few-step study's method × lr × K × variant."""
-        study = [Run(m, float(lr), f"{m}-{lr}", str(lr)) for m in self.study.methods for lr in self.study.lrs]
-        f = self.fewstep
+        """Every distillation run: each study method × its lrs, then each few-step method × its lrs × K × variant."""
+        s, f = self.study, self.fewstep
+        study = [Run(m, float(lr), f"{m}-{lr}", lr) for m in s.methods for lr in s.lrs_of(m)]
         fewstep = [
-            Run(m, float(lr), f"{m}-{lr}-{k}-{v}", str(lr), k, v)
+            Run(m, float(lr), f"{m}-{lr}-{k}-{v}", lr, k, v)
             for m in f.methods
-            for lr in f.lrs
+            for lr in f.lrs_of(m)
             for k in f.steps
             for v in f.variants
         ]
@@ -443,26 +472,88 @@ def format_errors(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+def number_text(number):
+    """A number YAML read, as short as `:g` writes it (1e-05 -> 1e-5)."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{number:g}") if isinstance(number, float) else str(number)
+
+
+def first(values, default):
+    return values[0] if isinstance(values, list) and values else default
+
+
+def learning_rate_lists(raw):
+    """(key path, list as read, the runs it names) of every learning-rate list in `raw`: each study's `lrs` and
+    `per_method.<method>.lrs`; the runs as `<method>-{}` (study) or `<method>-{}-<K>-<variant>` (fewstep)."""
+    for section in ("study", "fewstep"):
+        study = raw.get(section)
+        if not isinstance(study, dict):
+            continue
+        suffix = (
+            f"-{first(study.get('steps'), 1)}-{first(study.get('variants'), 'plain')}" if section == "fewstep" else ""
+        )
+        yield (section, "lrs"), study.get("lrs"), f"{first(study.get('methods'), '<method>')}-{{}}{suffix}"
+        per_method = study.get("per_method")
+        for method, entry in per_method.items() if isinstance(per_method, dict) else []:
+            if isinstance(entry, dict):
+                yield (section, "per_method", method, "lrs"), entry.get("lrs"), f"{method}-{{}}{suffix}"
+
+
+def unquoted_learning_rates(raw, written=None):
+    """Error lines for learning rates YAML read as numbers: DVC would name their runs after the number
+    (sid-0.0001), not after the text (sid-1e-4). `written`: {key path: text} of the numbers as the file writes
+    them (load_params reads it from the YAML nodes); without it, a number is shown as `:g` writes it."""
+    lines = []
+    for path, lrs, runs in learning_rate_lists(raw if isinstance(raw, dict) else {}):
+        if not isinstance(lrs, list):
+            continue
+        numbers = [i for i, v in enumerate(lrs) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not numbers:
+            continue
+        texts = [((written or {}).get((*path, i)) or number_text(v)) if i in numbers else v for i, v in enumerate(lrs)]
+        n = numbers[0]
+        lines.append(
+            f"  {'.'.join(map(str, path))}: write learning rates quoted, as written: {json.dumps(texts)} (an unquoted "
+            f"{texts[n]} is read as the number {lrs[n]} and would name the runs {runs.format(lrs[n])})"
+        )
+    return lines
+
+
+def parse_params(raw: dict, source: str = "params.yaml", written=None) -> Params:
+    unquoted = unquoted_learning_rates(raw, written)
+    if unquoted:
+        raise ParamsError("\n".join([f"{source}: invalid parameters", *unquoted]))
     try:
         return Params.model_validate(raw or {})
     except ValidationError as e:
         raise ParamsError(format_errors(e, source)) from None
 
 
+def plain_numbers(node, path=()):
+    """{key path: text} of every number the YAML node tree writes unquoted, exactly as written."""
+    if isinstance(node, MappingNode):
+        return {k: v for key, value in node.value for k, v in plain_numbers(value, (*path, key.value)).items()}
+    if isinstance(node, SequenceNode):
+        return {k: v for i, item in enumerate(node.value) for k, v in plain_numbers(item, (*path, i)).items()}
+    if node is not None and node.tag in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int"):
+        return {path: node.value}
+    return {}
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read as DVC does (ruamel, YAML 1.2), so that both accept the same files and see the same types
-    (1e-4 is a float): the round-trip parser DVC uses checks the syntax, the safe one gives plain values."""
+    (1e-4 is a float): the round-trip parser DVC uses checks the syntax, the safe one gives plain values, and the
+    node tree the text of each unquoted number (an unquoted learning rate is refused showing it as written)."""
     path = Path(path)
     try:
         text = path.read_text()
         YAML(typ="rt").load(text)
+        written = plain_numbers(YAML(typ="rt").compose(text))
         raw = YAML(typ="safe", pure=True).load(text)
     except (OSError, YAMLError) as e:
         raise ParamsError(f"{path}: cannot read parameters: {e}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), written)
 
 
 def load_params_or_exit(path: str | Path = "params.yaml") -> Params:

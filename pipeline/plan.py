@@ -24,14 +24,17 @@ KNOWN_SIZES_MB = {
 
 
 def dag(project_root, profile_path):
-    """{stage: [upstream stages]} of dvc.yaml rendered with the profile as params.yaml."""
+    """{stage: [upstream stages]} of dvc.yaml rendered with the profile as params.yaml (and its runs.yaml)."""
     from dvc.repo import Repo
 
     from pipeline.flow import topological
+    from pipeline.params import load_params
+    from pipeline.runs_file import write
 
     with tempfile.TemporaryDirectory() as scratch:
         shutil.copy(Path(project_root) / "dvc.yaml", Path(scratch) / "dvc.yaml")
         shutil.copy(profile_path, Path(scratch) / "params.yaml")
+        write(scratch, load_params(profile_path))
         repo = Repo.init(scratch, no_scm=True)
         try:
             graph = repo.index.graph
@@ -222,9 +225,8 @@ def print_plan(project_root, profile_path, params, measure=True):
     print(f"  {'total':<42} {sum(sizes.values()) / gb:8.2f} GB")
     print(f"\nCompute on this device ({dev.type}; timed here with the profile's network), device-hours:")
     total = 0.0
-    n_lrs = len(params.study.lrs)
     for method, seconds in per_image.items():
-        kimg = params.distill.for_method(method).duration_kimg
+        kimg, n_lrs = params.distill.for_method(method).duration_kimg, len(params.study.lrs_of(method))
         hours = seconds * kimg * 1000 * n_lrs / 3600
         total += hours
         print(f"  {f'distill {method}: {1 / seconds:.2f} images/s × {kimg:g} kimg × {n_lrs} lrs':<62} {hours:12.1f}")

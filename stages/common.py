@@ -25,8 +25,8 @@ def find_run(params, name):
     runs = {r.name: r for r in params.runs()}
     if name not in runs:
         raise InvalidInput(
-            f"{name} is not a run of study.methods × study.lrs or of fewstep.methods × lrs × steps × variants "
-            f"({', '.join(runs)})"
+            f"{name} is not a run of the study (each method × its lrs) or of the few-step study (each method × its "
+            f"lrs × steps × variants) in params.yaml ({', '.join(runs)})"
         )
     return runs[name]
 

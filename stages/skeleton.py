@@ -11,6 +11,7 @@ import os
 import sys
 
 from pipeline.params import load_params_or_exit
+from pipeline.runs_file import check_or_exit as runs_file_current_or_exit
 from pipeline.tracking import stage_run
 
 
@@ -55,6 +56,7 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
         parser.add_argument(flag, required=True, help=help)
     args = parser.parse_args()
     params = load_params_or_exit()
+    runs_file_current_or_exit(params)  # runs.yaml, which dvc.yaml expands, must be that of params.yaml
     try:
         name = instance(params, args) if instance else stage
         run_tags = tags(params, args) if tags else {}

@@ -7,10 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
+
+from pipeline.params import load_params
+from pipeline.runs_file import write as write_runs_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT = ["dvc.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline", "votes"]
+PROJECT = ["dvc.yaml", "runs.yaml", ".dvcignore", ".gitignore", "stages", "distillery", "pipeline", "votes"]
+
+
+def dump_params(path, params):
+    """Write `params` as DVC reads them (YAML 1.2): the string "1e-4" stays quoted (PyYAML would write it bare, a
+    number, which the schema refuses as a learning rate)."""
+    with open(path, "w") as f:
+        YAML(typ="safe", pure=True).dump(params, f)
 
 
 def sh(args, cwd, check=True, extra_env=None):
@@ -41,6 +52,7 @@ def new_project(path):
         else:
             shutil.copy(src, path / name)
     shutil.copy(ROOT / "profiles" / "micro.yaml", path / "params.yaml")
+    write_runs_file(path, load_params(path / "params.yaml"))  # the runs of the micro profile
     sh(["git", "init", "-q"], path)
     sh(["git", "config", "user.email", "test@example.com"], path)
     sh(["git", "config", "user.name", "test"], path)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from distillery.data import load_dataset, load_edm_zip
 
-from conftest import ROOT
+from conftest import ROOT, dump_params
 
 
 def write_zip(path, images, labels=None, extra=()):
@@ -66,7 +66,7 @@ def run_data_stage(tmp_path, data):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"] = data
     raw["evaluation"]["feature_extractor"] = "inception-v3-compat"  # the digits classifier measures digits only
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dump_params(tmp_path / "params.yaml", raw)
     env = {
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",

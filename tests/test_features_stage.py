@@ -10,11 +10,11 @@ import yaml
 
 from distillery.registry import INCEPTION_SHA256
 
-from conftest import ROOT
+from conftest import ROOT, dump_params
 
 
 def stage(project, params):
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    dump_params(project / "params.yaml", params)
     for link in ("stages", "distillery", "pipeline"):
         (project / link).symlink_to(ROOT / link)
     env = {"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(project)}

@@ -24,6 +24,7 @@ def test_the_fewstep_study_adds_its_rows_figure_and_shift_table(built_micro, tmp
     with open(repo / "params.yaml", "w") as f:
         yaml.dump(params, f)
 
+    sh(["distillery", "validate"], repo)  # runs.yaml: the few-step runs
     result = sh(["dvc", "repro"], repo)
     ran = set(re.findall(r"Running stage '([^']+)'", result.stdout))
     assert ran == {f"{stage}_fewstep@{run}" for stage in ("distill", "evaluate") for run in RUNS} | {"report"}

@@ -11,6 +11,8 @@ import yaml
 from pipeline.dvc_keys import dvc_params_keys, missing_keys
 from pipeline.params import ParamsError, load_params, parse_params
 
+from conftest import dump_params
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,25 +27,25 @@ def test_shipped_params_are_valid_and_list_the_study():
     assert [tuple(run[:3]) for run in params.runs()[:2]] == [("sid", 3e-4, "sid-3e-4"), ("sid", 3e-5, "sid-3e-5")]
     study, fewstep = params.runs()[:10], params.runs()[10:]
     assert tuple(study[-1][:3]) == ("gdd_i", 3e-5, "gdd_i-3e-5") and all(run.steps is None for run in study)
-    # the few-step study: method × lr × K × variant, named as DVC's matrix names its stages
-    assert [run.name for run in fewstep[:3]] == ["dmd2-2e-4-1-plain", "dmd2-2e-4-1-ddil", "dmd2-2e-4-2-plain"]
-    assert len(fewstep) == 12 and {(run.method, run.steps, run.variant) for run in fewstep} == {
-        (m, k, v) for m in ("dmd2", "cd") for k in (1, 2, 4) for v in ("plain", "ddil")
+    # the few-step study: method × its own lr (fewstep.per_method) × K × variant, named as DVC names its stages
+    assert [run.name for run in fewstep[:3]] == ["dmd2-3e-4-1-plain", "dmd2-3e-4-1-ddil", "dmd2-3e-4-2-plain"]
+    assert len(fewstep) == 12 and {(run.method, run.lr_text, run.steps, run.variant) for run in fewstep} == {
+        (m, lr, k, v) for m, lr in (("dmd2", "3e-4"), ("cd", "1e-4")) for k in (1, 2, 4) for v in ("plain", "ddil")
     }
 
 
 def test_a_fewstep_run_takes_its_k_and_variant_over_its_methods_section():
     params = load_params(ROOT / "params.yaml")
     runs = {run.name: run for run in params.runs()}
-    plain, ddil = params.settings(runs["cd-2e-4-4-plain"]), params.settings(runs["cd-2e-4-4-ddil"])
+    plain, ddil = params.settings(runs["cd-1e-4-4-plain"]), params.settings(runs["cd-1e-4-4-ddil"])
     assert (plain["steps"], plain["ddil"], plain["reflect"]) == (4, None, False)
     assert (ddil["steps"], ddil["ddil"], ddil["reflect"]) == (4, (1.0, 1.0, 1.0), True)
-    assert params.method(runs["dmd2-2e-4-2-ddil"]).nfe == 2
+    assert params.method(runs["dmd2-3e-4-2-ddil"]).nfe == 2
 
 
 def test_a_fewstep_run_its_method_cannot_take_is_refused_before_any_compute():
     raw = toy()
-    raw["fewstep"].update(methods=["pd"], steps=[3])
+    raw["fewstep"].update(methods=["pd"], steps=[3], per_method={})
     raw["pd"] = {"teacher_steps": 16}
     with pytest.raises(ParamsError, match="fewstep run pd-2e-4-3-plain: teacher_steps / steps must be a power of 2"):
         parse_params(raw)
@@ -60,8 +62,33 @@ def test_a_fewstep_run_its_method_cannot_take_is_refused_before_any_compute():
         (lambda p: p["distill"].update(batch=-4), "distill.batch", "greater than 0"),
         (lambda p: p["teacher"]["network"].update(dropout=1.5), "teacher.network.dropout", "less than 1"),
         (lambda p: p["study"].update(methods=["sid", "nope"]), "study.methods.1", "sid"),
-        (lambda p: p["study"].update(lrs=["1e-4", 0.0001]), "study.lrs", "unique"),
+        (lambda p: p["study"].update(lrs=["1e-4", "0.0001"]), "study.lrs", "unique"),
         (lambda p: p["study"].update(lrs=["fast"]), "study.lrs.0", "expected a number"),
+        (lambda p: p["study"].update(lrs=["1e-4", "0e-4"]), "study.lrs.1", "must be > 0"),
+        (lambda p: p["study"].update(lrs=["1e-4 "]), "study.lrs.0", "expected a number written as a decimal string"),
+        # a method's own learning rates: a method of its study, at least one rate, each once
+        (
+            lambda p: p["study"].update(per_method={"dmd2": {"lrs": ["1e-5"]}}),
+            "study.per_method",
+            "dmd2 is not in methods (sid, sim, diff_instruct, gdd, gdd_i): per_method gives a method of the study",
+        ),
+        (lambda p: p["study"].update(per_method={"sim": {"lrs": []}}), "study.per_method.sim.lrs", "at least 1 item"),
+        (lambda p: p["study"].update(per_method={"sim": {"lr": ["1e-5"]}}), "study.per_method.sim.lr", "Extra inputs"),
+        (
+            lambda p: p["study"].update(per_method={"sim": {"lrs": ["1e-5", "0.00001"]}}),
+            "study.per_method.sim.lrs",
+            "unique",
+        ),
+        (
+            lambda p: p["fewstep"].update(per_method={"pd": {"lrs": ["1e-5"]}}),
+            "fewstep.per_method",
+            "pd is not in methods",
+        ),
+        (
+            lambda p: p["fewstep"].update(per_method={"sid": {"lrs": ["1e-5"]}}),
+            "fewstep.per_method.sid",
+            "'dmd2', 'cd'",
+        ),
         (lambda p: p["sid"].update(t_max=2000), "sid.t_max", "less than or equal to 1000"),
         (lambda p: p["distill"]["per_method"].update(sid={"bacth": 8}), "distill.per_method.sid.bacth", "Extra inputs"),
         (lambda p: p["distill"]["per_method"].update(dmd={"batch": 8}), "distill.per_method.dmd", "sid"),
@@ -145,6 +172,76 @@ def test_bad_value_is_refused_naming_the_key(edit, key, words):
     assert f"  {key}: " in message and words in message
 
 
+def test_each_method_takes_its_own_lrs_from_per_method():
+    raw = toy()
+    raw["study"].update(methods=["sid", "sim"], lrs=["1e-4"], per_method={"sim": {"lrs": ["1e-5", "3e-6"]}})
+    raw["fewstep"].update(steps=[2], variants=["plain"], per_method={"cd": {"lrs": ["1e-4"]}})
+    params = parse_params(raw)
+    assert [(run.method, run.lr, run.name) for run in params.runs()] == [
+        ("sid", 1e-4, "sid-1e-4"),
+        ("sim", 1e-5, "sim-1e-5"),
+        ("sim", 3e-6, "sim-3e-6"),
+        ("dmd2", 2e-4, "dmd2-2e-4-2-plain"),  # the few-step study's lrs
+        ("cd", 1e-4, "cd-1e-4-2-plain"),
+    ]
+
+
+UNQUOTED = [
+    (
+        lambda p: p["study"].update(lrs=[1e-4, "3e-5"]),
+        'study.lrs: write learning rates quoted, as written: ["0.0001", "3e-5"] (an unquoted 0.0001 is read as the '
+        "number 0.0001 and would name the runs sid-0.0001)",
+    ),
+    (
+        lambda p: p["study"].update(per_method={"sim": {"lrs": ["1e-4", 3e-6]}}),
+        'study.per_method.sim.lrs: write learning rates quoted, as written: ["1e-4", "3e-6"] (an unquoted 3e-6 is read '
+        "as the number 3e-06 and would name the runs sim-3e-06)",
+    ),
+    (
+        lambda p: p["fewstep"].update(lrs=[2e-4]),
+        'fewstep.lrs: write learning rates quoted, as written: ["0.0002"] (an unquoted 0.0002 is read as the number '
+        "0.0002 and would name the runs dmd2-0.0002-1-plain)",
+    ),
+    (
+        lambda p: p["fewstep"].update(per_method={"cd": {"lrs": [1]}}),
+        'fewstep.per_method.cd.lrs: write learning rates quoted, as written: ["1"] (an unquoted 1 is read as the '
+        "number 1 and would name the runs cd-1-1-plain)",
+    ),
+]
+
+
+@pytest.mark.parametrize("edit,line", UNQUOTED)
+def test_an_unquoted_learning_rate_is_refused_showing_it_quoted(edit, line):
+    raw = toy()
+    edit(raw)
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == f"params.yaml: invalid parameters\n  {line}"
+
+
+def test_validate_and_stages_refuse_an_unquoted_learning_rate_quoting_it_as_written(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    for old, new in [
+        ('lrs: ["3e-4", "3e-5"]', 'lrs: [3e-4, "3e-5"]'),
+        ('dmd2: {lrs: ["3e-4"]}', "dmd2: {lrs: [3.0e-4]}"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "params.yaml").write_text(text)
+    expected = [
+        'study.lrs: write learning rates quoted, as written: ["3e-4", "3e-5"] (an unquoted 3e-4 is read as the number '
+        "0.0003 and would name the runs sid-0.0003)",
+        'fewstep.per_method.dmd2.lrs: write learning rates quoted, as written: ["3.0e-4"] (an unquoted 3.0e-4 is read '
+        "as the number 0.0003 and would name the runs dmd2-0.0003-1-plain)",
+    ]
+    for args in (["-m", "pipeline.cli", "validate"], ["-m", "stages.data"]):
+        result = run(args, tmp_path)
+        assert result.returncode == 2 and all(f"  {line}" in result.stderr.splitlines() for line in expected), (
+            result.stderr
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # refused before anything was written
+
+
 def run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
 
@@ -152,7 +249,7 @@ def run(args, cwd):
 def test_cli_and_stage_exit_nonzero_before_any_compute(tmp_path):
     raw = toy()
     raw["teacher"]["duration_kimg"] = 0
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dump_params(tmp_path / "params.yaml", raw)
     result = run(["-m", "pipeline.cli", "validate"], tmp_path)
     assert result.returncode == 2 and "teacher.duration_kimg" in result.stderr
     # a stage validates first: it exits without writing anything
@@ -184,15 +281,17 @@ def test_per_method_settings_override_only_their_own_keys_and_method():
 
 @pytest.mark.parametrize("path", sorted([*(ROOT / "profiles").glob("*.yaml"), ROOT / "params.yaml"]), ids=str)
 def test_every_profile_holds_every_params_key_dvc_reads(path):
-    keys = dvc_params_keys((ROOT / "dvc.yaml").read_text(), yaml.safe_load(path.read_text()))
+    raw = yaml.safe_load(path.read_text())
+    keys = dvc_params_keys((ROOT / "dvc.yaml").read_text(), raw)
     assert {"seed", "distill", "evaluation.batch", "fewstep.ddil"} <= keys
+    assert {*raw["study"]["methods"], *raw["fewstep"]["methods"]} <= keys  # ${item.method} of each study's runs
     assert missing_keys((ROOT / "dvc.yaml").read_text(), yaml.safe_load(path.read_text())) == []
 
 
 def test_validate_refuses_a_profile_without_a_section_dvc_needs(tmp_path):
     raw = toy()
     del raw["sim"]  # the schema would fill SIM's defaults; DVC would refuse the distill@sim-… stages
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dump_params(tmp_path / "params.yaml", raw)
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     result = run(["-m", "pipeline.cli", "validate"], tmp_path)
     assert result.returncode == 2 and "dvc repro needs these keys" in result.stderr and ": sim " in result.stderr

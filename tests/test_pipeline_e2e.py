@@ -1,5 +1,5 @@
 """The real `dvc repro` on the micro profile in a temporary git repository: the table, the no-op rerun,
-and an edited learning rate rerunning only its own stages."""
+and an edited learning rate rerunning only its own stages (once runs.yaml is rewritten)."""
 
 import io
 import json
@@ -119,6 +119,12 @@ def test_changing_one_lr_reruns_only_its_stages(repo):
     repo, _ = repo
     params = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(params.replace('lrs: ["1e-4", "3e-5"]', 'lrs: ["2e-4", "3e-5"]'))
+    # plain DVC reads the runs.yaml of the old lrs: the report, which reads the study's params, refuses to run
+    stale = sh(["dvc", "repro"], repo, check=False)
+    assert stale.returncode != 0 and stages_run(stale.stdout) == {"report"}
+    assert "runs.yaml is stale (lacks sid-2e-4; still lists sid-1e-4)" in stale.stderr
+    assert "Run `distillery validate` to rewrite it" in stale.stderr
+    sh(["distillery", "validate"], repo)
     result = sh(["dvc", "repro"], repo)
     assert stages_run(result.stdout) == {"distill@sid-2e-4", "evaluate@sid-2e-4", "report"}
     table = pd.read_csv(repo / "reports" / "results.csv")

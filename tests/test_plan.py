@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.params import load_params
 from pipeline.plan import dag, disk_gb, downloads, network
 
-from conftest import ROOT, sh
+from conftest import ROOT, dump_params, sh
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 
@@ -90,3 +91,16 @@ def test_the_measured_plan_times_each_method_and_counts_the_fid_trials():
     # micro: 200 samples × 2 trials; teacher Heun with 4 steps (NFE 7); best and last of 2 runs
     assert "teacher samples: 400 × NFE 7" in out and "student samples: 400 × 2 checkpoints × 2 runs (Σ NFE 2)" in out
     assert re.search(r"total device-hours .* +\d+\.\d", out) and "sample sets" in out
+
+
+def test_the_measured_plan_counts_each_methods_own_lrs(tmp_path):
+    params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+    params["study"].update(
+        methods=["sid", "diff_instruct"], lrs=["1e-4"], per_method={"diff_instruct": {"lrs": ["1e-5", "3e-6", "1e-6"]}}
+    )
+    params["diff_instruct"] = {"sigma_init": 1.0, "loss_scale_g": 1}
+    dump_params(tmp_path / "profile.yaml", params)
+    out = sh([DISTILLERY, "plan", "--profile", str(tmp_path / "profile.yaml")], ROOT).stdout
+    assert re.search(r"distill sid: [\d.]+ images/s × 0.128 kimg × 1 lrs", out)
+    assert re.search(r"distill diff_instruct: [\d.]+ images/s × 0.128 kimg × 3 lrs", out)
+    assert "student samples: 400 × 2 checkpoints × 4 runs" in out and "evaluate@diff_instruct-1e-6" in out

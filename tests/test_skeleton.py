@@ -5,14 +5,12 @@ import shutil
 import sqlite3
 import sys
 
-import yaml
-
-from conftest import ROOT, sh
+from conftest import ROOT, dump_params, sh
 
 
 def stage(tmp_path, module, *args, params=None):
     """Run `python -m stages.<module>` in a fresh directory holding only params.yaml."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params or {}))
+    dump_params(tmp_path / "params.yaml", params or {})
     return sh(
         [sys.executable, "-m", f"stages.{module}", *args], tmp_path, check=False, extra_env={"PYTHONPATH": str(ROOT)}
     )
@@ -33,7 +31,7 @@ def test_invalid_params_exit_2_before_any_run(tmp_path):
 
 
 def test_a_run_params_yaml_does_not_define_exits_2_naming_the_runs(tmp_path):
-    result = stage(tmp_path, "evaluate", "--run", "sid-9", params={"study": {"lrs": [0.5]}})
+    result = stage(tmp_path, "evaluate", "--run", "sid-9", params={"study": {"lrs": ["0.5"]}})
     assert result.returncode == 2
     assert "sid-9 is not a run" in result.stderr and "sid-0.5" in result.stderr
     assert runs(tmp_path) == []

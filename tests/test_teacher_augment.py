@@ -17,7 +17,7 @@ from distillery.training import train_teacher
 
 from stages.teacher import teacher_config
 
-from conftest import ROOT
+from conftest import ROOT, dump_params
 from toys import tiny_edm
 
 
@@ -54,7 +54,7 @@ def test_teacher_stage_trains_with_teacher_augment_p(tmp_path):
     params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
     params["teacher"]["network"]["augment_dim"] = 9
     params["teacher"].update(augment_p=0.5, duration_kimg=0.128, checkpoint_kimg=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    dump_params(tmp_path / "params.yaml", params)
     for link in ("stages", "distillery", "pipeline"):
         (tmp_path / link).symlink_to(ROOT / link)
     run("stages.data", tmp_path)

@@ -14,7 +14,7 @@ from test_edm_pickle import write_official_pickle
 
 from distillery.checkpoint import load_network
 
-from conftest import ROOT
+from conftest import ROOT, dump_params
 from toys import seeded_network, tiny_config
 
 CONFIG = tiny_config()
@@ -48,7 +48,7 @@ def test_official_teacher_is_pinned_on_first_download_and_refused_when_it_change
     project.mkdir()
     params = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
     params["teacher"].update(source="url", download={"url": httpd.url})
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    dump_params(project / "params.yaml", params)
 
     first = run_teacher_stage(project)
     assert first.returncode == 0, first.stderr
@@ -91,7 +91,7 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
             reference="edm-npz",
             reference_download={"url": httpd.url, "sha256": hashlib.sha256(httpd.payload).hexdigest()},
         )
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        dump_params(tmp_path / "params.yaml", params)
         result = subprocess.run(
             [sys.executable, "-m", "stages.reference_stats"],
             cwd=tmp_path,
