@@ -6,26 +6,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import chromium, needs_chromium
 
 from conftest import copy_project, sh
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
-
-CHROMIUM = Path("/usr/bin/chromium")
 FIGURES = ["fid_curves", "lr_robustness", "fewstep", "covariate_shift"]
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class Tags(HTMLParser):
@@ -68,8 +53,7 @@ def test_the_page_loads_nothing_from_the_network(plots_page):
         assert any(Path(src).name.endswith(f"{figure}.png") for src in images), (figure, images)
 
 
-@pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install -e '.[test]')")
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser at /usr/bin/chromium (apt-get install chromium)")
+@needs_chromium
 def test_chromium_offline_shows_every_figure(plots_page, tmp_path):
     repo, index = plots_page
     refused = []
@@ -81,8 +65,7 @@ def test_chromium_offline_shows_every_figure(plots_page, tmp_path):
             refused.append(route.request.url)
             route.abort()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    with chromium() as browser:
         context = browser.new_context(offline=True, viewport={"width": 1400, "height": 900})
         context.route("**/*", only_files)
         page = context.new_page()
@@ -95,7 +78,6 @@ def test_chromium_offline_shows_every_figure(plots_page, tmp_path):
             " width: i.naturalWidth, height: i.naturalHeight}))"
         )
         page.screenshot(path=str(tmp_path / "dvc_plots_offline.png"), full_page=True)
-        browser.close()
     assert refused == [] and errors == []
     assert len(images) >= len(FIGURES)
     assert all(i["complete"] and i["width"] > 0 for i in images), images

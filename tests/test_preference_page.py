@@ -3,36 +3,19 @@ through every item with keys and clicks, goes back once, reloads, downloads the 
 those votes, unblinded by the key. Markup in a label or in the question shows as text and runs nothing."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium, needs_chromium
 
 from pipeline.preference_params import PreferenceParams
 
 from stages.preference import PAGE, write_study
 from stages.preference_report import build, markdown
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
-
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
-    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install -e '.[test]')"),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser at /usr/bin/chromium (apt-get install chromium)"),
+    needs_chromium,
     pytest.mark.timeout(120),
-]
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
 ]
 KEYS = {"left": "ArrowLeft", "right": "ArrowRight", "tie": "ArrowDown"}
 EVIL = (
@@ -42,10 +25,8 @@ EVIL = (
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def study(tmp_path, **overrides):

@@ -16,23 +16,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import chromium, needs_chromium
 from test_cli import free_port
 
 from conftest import BIN, new_project, sh
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
-
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.ui,
-    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install -e '.[test]')"),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser at /usr/bin/chromium (apt-get install chromium)"),
+    needs_chromium,
     pytest.mark.timeout(900),
 ]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
 def api(url, body=None):
@@ -102,10 +95,8 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def artifacts(prefect, flow_run_id):
