@@ -73,3 +73,26 @@ def test_augmentation_is_stated_per_method_and_lr_and_kid_as_used(tmp_path, monk
         "cut from evaluation.kid_subset_size 500 to the set sizes"
     )
     assert kid_text(params, {}).startswith("no KID")
+
+
+def test_lr_robustness_plots_each_method_at_its_own_learning_rates(tmp_path, monkeypatch):
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from pipeline.params import parse_params
+
+    from stages.report import lr_robustness_figure
+
+    params = parse_params(
+        {"study": {"methods": ["sid", "sim"], "lrs": ["1e-4", "3e-5"], "per_method": {"sim": {"lrs": ["1e-5"]}}}}
+    )
+    runs = params.runs()
+    assert [run.name for run in runs] == ["sid-1e-4", "sid-3e-5", "sim-1e-5"]
+    table = pd.DataFrame({"FID": [2.0, 5.0, 7.0, 9.0]})  # the teacher's row, then one row per run
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: drawn.append(fig) or open(path, "wb").close())
+    lr_robustness_figure(params, table, tmp_path / "lr.png")
+    (ax,) = drawn[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"SiD": ([3e-5, 1e-4], [7.0, 5.0]), "SIM": ([1e-5], [9.0])}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1e-5", "3e-5", "1e-4"]  # as written in params.yaml

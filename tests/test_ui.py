@@ -121,7 +121,7 @@ def flow(servers, browser, shots):
     log = repo.parent / "run.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([BIN / "distillery", "run"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 1450})  # the graph and the artifact cards
     try:
         run = wait_for("a flow run", lambda: flow_run(prefect), 300, proc, log)
 
