@@ -140,7 +140,10 @@ class Artifacts:
         if kind == "mlflow_run":
             self.logger.info("MLflow run of %s: %s", self.name, event["url"])
             create_link_artifact(
-                event["url"], link_text=f"MLflow run of {self.name}", key=artifact_key("mlflow", self.name)
+                event["url"],
+                link_text=f"MLflow run of {self.name}",
+                key=artifact_key("mlflow", self.name),
+                description=f"{self.name}: its params, metrics over training and artifacts in MLflow",
             )
         elif kind == "progress":
             percent = min(100.0, 100 * event["kimg"] / event["total_kimg"])
@@ -253,7 +256,12 @@ def pipeline_flow(
     POOL = GPUPool(gpus, gpus_per_stage, cpu_threads=max(1, (os.cpu_count() or 1) // max_parallel))
     if mlflow_url:
         get_run_logger().info("MLflow runs of this flow: %s", mlflow_url)
-        create_link_artifact(mlflow_url, link_text="MLflow runs of this flow", key="mlflow-pipeline")
+        create_link_artifact(
+            mlflow_url,
+            link_text="MLflow runs of this flow",
+            key="mlflow-pipeline",
+            description="The MLflow run that groups the stage runs of this flow",
+        )
     graph = stage_graph(root)
     futures = {}
     for name in topological(graph):
