@@ -191,13 +191,22 @@ def test_the_flow_is_named_tagged_and_ends_with_the_results_table(flow, servers)
     assert re.search(r"MLflow run of distill@sid-1e-4: http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/\w+", flow["log"])
 
 
-def test_stages_dvc_skips_end_cached(servers):
+def test_stages_dvc_skips_end_cached(servers, browser, shots):
     repo, env, prefect, _ = servers
     result = subprocess.run([BIN / "distillery", "run"], cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = api(f"{prefect}/api/flow_runs/filter", {"sort": "START_TIME_DESC"})
     tasks = api(f"{prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
     assert tasks and {t["state"]["name"] for t in tasks} == {"Cached"}
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{prefect}/runs/flow-run/{runs[0]['id']}")
+        page.get_by_text("Task Runs", exact=True).first.click()
+        page.get_by_text("Cached").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "prefect-cached.png"))
+    finally:
+        page.close()
 
 
 def close_assistant(page):
