@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from pipeline.io import atomic_path, write_text
 from pipeline.published import published_rows
@@ -156,6 +157,8 @@ def lr_robustness_figure(params, table, path):
     ax.set_xticks([x for x, _ in lrs], [text for _, text in lrs])
     ax.minorticks_off()
     ax.set_yscale("log")
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_formatter(LogFormatter(labelOnlyBase=False))  # 20, 30, 40 rather than 2×10¹ within a decade
     ax.set_xlabel("learning rate (as written in params.yaml)")
     ax.set_ylabel("FID (best checkpoint)")
     ax.grid(True, which="both", alpha=0.3)
