@@ -91,6 +91,8 @@ def serve_uis(prefect_port, mlflow_port):
     # SIGTERM (a service manager, `kill`) stops both servers as Ctrl-C does, during start-up too, instead of
     # orphaning them (they run in their own sessions)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Ctrl-C too when started with SIGINT ignored (a background job of a non-interactive shell, nohup)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         started = start_servers(prefect_port, mlflow_port)
     except KeyboardInterrupt:
