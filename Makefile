@@ -31,9 +31,10 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# The Prefect and MLflow UIs in Chromium against real servers and a micro flow (minutes; Debian's chromium).
+# The UIs: Prefect and MLflow in Chromium against real servers and a micro flow, `distillery ui` stopping both
+# servers, the offline `dvc plots` page (minutes; Debian's chromium).
 test-ui: install
-	$(BIN)/python -m pytest -m ui tests/test_ui.py
+	$(BIN)/python -m pytest -m ui
 
 clean:
 	rm -rf $(VENV) checkpoints mlflow.db mlruns

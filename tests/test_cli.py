@@ -30,6 +30,7 @@ def answers(url):
         return False
 
 
+@pytest.mark.ui  # starts both servers twice: with the UI tests (make test-ui)
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_serves_prefect_and_mlflow_on_loopback_and_a_signal_stops_both(tmp_path, stop):
     env = {

@@ -11,6 +11,7 @@ from browser import chromium, needs_chromium
 from conftest import copy_project, sh
 
 FIGURES = ["fid_curves", "lr_robustness", "fewstep", "covariate_shift"]
+pytestmark = pytest.mark.ui  # a page in a browser, with the UI tests (make test-ui)
 
 
 class Tags(HTMLParser):
