@@ -1,5 +1,6 @@
 """Outputs appear at their final path whole or not at all: write to a temporary sibling, then rename."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,3 +42,12 @@ def write_json(path, data):
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_hash(path, algorithm="sha256"):
+    """Hex digest of a file's bytes, read in 1 MiB blocks (sha256 for pins, md5 as DVC records outputs)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -5,13 +5,12 @@ download of a URL records the hash it found (trust on first use, announced loudl
 later runs, on any machine, then refuse bytes that differ.
 """
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.io import write_json
+from pipeline.io import file_hash, write_json
 
 from distillery.download import download
 
@@ -24,11 +23,7 @@ def recorded_pins():
 
 
 def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, "sha256")
 
 
 def fetch(spec, directory=DOWNLOADS):

@@ -3,7 +3,6 @@
 MLflow is for browsing and comparing; the DVC-tracked metric files stay the source of every table.
 """
 
-import hashlib
 import os
 import subprocess
 from contextlib import contextmanager
@@ -83,14 +82,6 @@ def experiment_links():
         for e in mlflow.search_experiments()
         if e.name.startswith("distillery-")
     ]
-
-
-def file_md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class StageRun:
@@ -192,7 +183,7 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
     import mlflow
 
     from pipeline import events
-    from pipeline.io import WRITTEN
+    from pipeline.io import WRITTEN, file_hash
 
     experiment_id = set_experiment(mlflow, params.get("profile", "default"))
     all_tags = {"stage": stage.split("@")[0], "dvc_stage": stage, "git_commit": git_commit()}
@@ -205,7 +196,8 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
         mlflow.log_params({k: str(v)[:500] for k, v in {**flatten(params), **(tags or {})}.items()})
         del WRITTEN[:]
         yield StageRun(mlflow, run)
-        mlflow.set_tags({"outputs_md5": " ".join(file_md5(p) for p in WRITTEN if p.is_file()), "current": "true"})
+        written = " ".join(file_hash(p, "md5") for p in WRITTEN if p.is_file())
+        mlflow.set_tags({"outputs_md5": written, "current": "true"})
     # DVC records the outputs of a stage that succeeded: its earlier runs are history from now on
     client = mlflow.MlflowClient()
     earlier = f"tags.dvc_stage = '{stage}' and tags.current = 'true' and attributes.run_id != '{run.info.run_id}'"
