@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 unexport PYTHONDONTWRITEBYTECODE
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-ui install clean
+.PHONY: demo test test-ui test-faults install clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install
 # servers, the offline `dvc plots` page (minutes; Debian's chromium).
 test-ui: install
 	$(BIN)/python -m pytest -m ui
+
+# Faults injected into real stage processes of a micro project (kills, corrupted checkpoints, malicious files,
+# blown-up learning rates, a tracking server that dies, concurrent drivers, a full disk); ends with the count.
+test-faults: install
+	$(BIN)/python -m pytest -m faults tests/faults
 
 clean:
 	rm -rf $(VENV) checkpoints mlflow.db mlruns

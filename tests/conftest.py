@@ -73,3 +73,24 @@ def built_micro(tmp_path_factory):
 def copy_project(src, dst):
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# The fault-injection suite (tests/faults, `make test-faults`): its undisturbed reference build and its count.
+@pytest.fixture(scope="session")
+def fault_reference(tmp_path_factory):
+    from faults.faultkit import build_reference
+
+    return build_reference(tmp_path_factory.mktemp("faults") / "reference")
+
+
+@pytest.fixture(scope="session")
+def ledger():
+    from faults.faultkit import LEDGER
+
+    return LEDGER
+
+
+def pytest_unconfigure(config):
+    faultkit = sys.modules.get("faults.faultkit")
+    if faultkit is not None and faultkit.LEDGER.injected:
+        print(f"\n{faultkit.LEDGER.line()}", flush=True)
