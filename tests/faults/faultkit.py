@@ -60,7 +60,7 @@ def stage_outputs(project, stage):
 
     repo = Repo(str(project))
     try:
-        (st,) = repo.stage.collect(stage)
+        (st,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{stage}")  # not the cwd's dvc.yaml
         paths = [Path(str(out.def_path)) for out in st.outs]
     finally:
         repo.close()
@@ -106,7 +106,7 @@ def stage_command(project, stage):
 
     repo = Repo(str(project))
     try:
-        (st,) = repo.stage.collect(stage)
+        (st,) = repo.stage.collect(f"{project / 'dvc.yaml'}:{stage}")  # not the cwd's dvc.yaml
         return st.cmd
     finally:
         repo.close()
