@@ -46,6 +46,5 @@ def test_the_second_driver_refuses_before_computing(first, second, fault_referen
         assert two.returncode != 0, f"{second} ran alongside {first}:\n{out}\n{err}"
         assert "lock" in (out + err).lower(), f"{second} did not say why it refused:\n{out}\n{err}"
         assert time.monotonic() - started < 60
-        assert not any("stages.distill" in " ".join(p.cmdline()) for p in psutil.Process(two.pid).children())
         out, err = one.communicate(timeout=500)
         assert one.returncode == 0, f"{first} failed after {second} refused:\n{out}\n{err}"
