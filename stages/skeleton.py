@@ -44,15 +44,20 @@ def signals_raise():
     """SIGTERM and SIGINT raise Killed inside the block; after the clean-up the process dies of the signal, so that
     its parent (DVC, Prefect, a shell) sees the usual status. A signal the process was started ignoring (nohup)
     stays ignored."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(s) is not signal.SIG_IGN:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
             signal.signal(s, raise_killed)
     try:
         yield
     except Killed as e:
+        print(f"stopped by {e}", file=sys.stderr, flush=True)
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)
         raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Silent:

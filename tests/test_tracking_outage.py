@@ -264,6 +264,7 @@ def test_a_signal_ends_the_run_killed_and_the_stage_dies_of_it(shared_server, tm
     probe.proc.send_signal(stop)
     code, err = probe.wait()
     assert code == -stop, err  # as without a handler: DVC and shells see the signal
+    assert f"stopped by {stop.name}" in err and "Traceback" not in err
     assert shared_server.runs(experiment)[0][1] == "KILLED"
     assert probe.unsynced() == []
 
