@@ -334,11 +334,17 @@ class StageRun:
                 path = self.write_unsynced(
                     unsynced_dir() / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json"
                 )
-                kept = f"{len(self.metrics)} metrics" + (
-                    f", {len(self.artifacts) + len(self.tables)} artifacts" if self.artifacts or self.tables else ""
+                parts = [f"{len(self.metrics)} metrics"] if self.metrics else []
+                if self.artifacts or self.tables:
+                    parts.append(f"{len(self.artifacts) + len(self.tables)} artifacts")
+                held = ", ".join(parts)
+                kept = (
+                    (f"the whole run ({held})" if held else "the whole run")
+                    if self.run_id is None
+                    else held or "its end"
                 )
                 print(
-                    f"warning: MLflow unreachable: {kept} of run {self.name} ({status}) kept in {path}; "
+                    f"warning: MLflow unreachable: {kept} of {self.name} ({status}) kept in {path}; "
                     "`distillery sync` sends them",
                     file=sys.stderr,
                     flush=True,

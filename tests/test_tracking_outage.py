@@ -110,23 +110,22 @@ class Server:
             return [step for (step,) in rows]
 
 
-@pytest.fixture
-def server(tmp_path):
-    server = Server(tmp_path)
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("mlflow"))
     try:
-        server.start()
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def server(mlflow_server):
+    """The module's server, answering (a test may leave it killed); each test uses an experiment of its own."""
+    if not mlflow_server.healthy():
+        mlflow_server.kill()
+        mlflow_server.start()
+    return mlflow_server
 
 
 def stage_env(uri, **extra):
@@ -190,7 +189,6 @@ def strict_json(path):
 
 def test_a_server_that_dies_mid_run_costs_the_stage_nothing_and_its_metrics_arrive(server, tmp_path):
     experiment = "outage-mid-run"
-    server.start()
     probe = Probe(tmp_path / "work", server.uri, experiment, retry_s=1)
     try:
         probe.wait_steps(5)
@@ -198,10 +196,10 @@ def test_a_server_that_dies_mid_run_costs_the_stage_nothing_and_its_metrics_arri
         wait_for("metrics on the server", lambda: server.steps(run_id), proc=probe.proc)
         server.kill()
         down_at = probe.steps()
-        probe.wait_steps(down_at + 10)  # it trains on while the server is down
+        probe.wait_steps(down_at + 6)  # it trains on while the server is down
         server.start()
         # the held metrics arrive while the stage still runs (its next logging call after the retry interval)
-        wait_for("held metrics after the restart", lambda: down_at + 9 in server.steps(run_id), 30, probe.proc)
+        wait_for("held metrics after the restart", lambda: down_at + 5 in server.steps(run_id), 30, probe.proc)
         server.kill()  # down again when the stage ends: what the server lacks goes to a file
         probe.wait_steps(probe.steps() + 5)
         code, err = probe.finish()
@@ -232,7 +230,7 @@ def test_a_server_that_dies_mid_run_costs_the_stage_nothing_and_its_metrics_arri
     assert list((server.folder / "art").rglob("out.txt"))
 
 
-def test_an_unreachable_server_at_the_start_costs_seconds_and_the_stage_succeeds(tmp_path):
+def test_an_unreachable_server_at_the_start_costs_seconds_and_the_stage_succeeds(server, tmp_path):
     repo = new_project(tmp_path / "repo")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.time()
@@ -255,36 +253,49 @@ def test_an_unreachable_server_at_the_start_costs_seconds_and_the_stage_succeeds
     assert {m["key"] for m in record["metrics"]} >= {"num_images", "resolution"}
     assert f"kept in {kept}" in result.stderr
 
+    sync = subprocess.run(
+        [BIN / "distillery", "sync"], cwd=repo, env=stage_env(server.uri), capture_output=True, text=True
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert not kept.exists() and [status for _, status in server.runs("distillery-micro")] == ["FINISHED"]
+    ((run_id, _),) = server.runs("distillery-micro")
+    with sqlite3.connect(server.db) as db:
+        metrics = dict(db.execute("select key, value from metrics where run_uuid = ?", (run_id,)))
+        params = dict(db.execute("select key, value from params where run_uuid = ?", (run_id,)))
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run_id,)))
+    assert metrics["num_images"] == next(m["value"] for m in record["metrics"] if m["key"] == "num_images")
+    assert params == record["params"] and tags["dvc_stage"] == "data" and tags["mlflow.runName"] == "data"
+
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_ends_the_run_killed_and_the_stage_dies_of_it(shared_server, tmp_path, stop):
+def test_a_signal_ends_the_run_killed_and_the_stage_dies_of_it(server, tmp_path, stop):
     experiment = f"outage-{stop.name}"
-    probe = Probe(tmp_path, shared_server.uri, experiment)
+    probe = Probe(tmp_path, server.uri, experiment)
     probe.wait_steps(3)
     probe.proc.send_signal(stop)
     code, err = probe.wait()
     assert code == -stop, err  # as without a handler: DVC and shells see the signal
     assert f"stopped by {stop.name}" in err and "Traceback" not in err
-    assert shared_server.runs(experiment)[0][1] == "KILLED"
+    assert server.runs(experiment)[0][1] == "KILLED"
     assert probe.unsynced() == []
 
 
-def test_an_exception_ends_the_run_failed(shared_server, tmp_path):
-    probe = Probe(tmp_path, shared_server.uri, "outage-raise", mode="raise")
+def test_an_exception_ends_the_run_failed(server, tmp_path):
+    probe = Probe(tmp_path, server.uri, "outage-raise", mode="raise")
     code, err = probe.wait()
     assert code == 1 and "the probe fails on purpose" in err
-    assert [status for _, status in shared_server.runs("outage-raise")] == ["FAILED"]
+    assert [status for _, status in server.runs("outage-raise")] == ["FAILED"]
 
 
-def test_a_run_left_running_by_sigkill_ends_killed_at_the_next_start(shared_server, tmp_path):
+def test_a_run_left_running_by_sigkill_ends_killed_at_the_next_start(server, tmp_path):
     experiment = "outage-sigkill"
-    probe = Probe(tmp_path / "first", shared_server.uri, experiment)
+    probe = Probe(tmp_path / "first", server.uri, experiment)
     probe.wait_steps(3)
     probe.proc.kill()
     probe.wait()
-    assert [status for _, status in shared_server.runs(experiment)] == ["RUNNING"]  # nobody could end it
-    again = Probe(tmp_path / "again", shared_server.uri, experiment, mode="raise")
+    assert [status for _, status in server.runs(experiment)] == ["RUNNING"]  # nobody could end it
+    again = Probe(tmp_path / "again", server.uri, experiment, mode="raise")
     code, err = again.wait()
     assert code == 1, err
-    assert [status for _, status in shared_server.runs(experiment)] == ["KILLED", "FAILED"]
+    assert [status for _, status in server.runs(experiment)] == ["KILLED", "FAILED"]
     assert "its process is gone; ended KILLED" in err
