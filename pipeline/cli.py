@@ -92,13 +92,30 @@ def cmd_repro(args):
 def cmd_compare(args):
     """The MLflow runs of the distill or evaluate stages side by side: those dvc.lock points to, or every run."""
     from pipeline.runtime import quiet_defaults
-    from pipeline.tracking import compare_table
+    from pipeline.tracking import compare_table, unsynced_note
 
     quiet_defaults()
     table = compare_table(args.experiment, args.stage, history=args.all)
     table = table.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
     # numparse off: learning rates print as written in params.yaml (3e-4, not 0.0003)
     print(table.to_markdown(index=False, disable_numparse=True) if len(table) else "no runs found")
+    if note := unsynced_note():
+        print(note, file=sys.stderr)
+
+
+def cmd_sync(args):
+    """Send the runs kept in mlruns-unsynced/ (written while MLflow was unreachable) to the tracking server."""
+    from pipeline.runtime import quiet_defaults
+    from pipeline.tracking import sync_unsynced, tracking_uri
+
+    quiet_defaults()
+    try:
+        sent = sync_unsynced()
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{sent} unsynced runs sent to {tracking_uri()}" if sent else "nothing to sync")
+    return 0
 
 
 def cmd_plan(args):
@@ -113,7 +130,10 @@ def cmd_plan(args):
 def cmd_ui(args):
     """Prefect server and MLflow UI on 127.0.0.1 until Ctrl-C."""
     from pipeline.servers import serve_uis
+    from pipeline.tracking import unsynced_note
 
+    if note := unsynced_note():
+        print(note, file=sys.stderr)
     serve_uis(args.prefect_port, args.mlflow_port)
 
 
@@ -143,6 +163,9 @@ def main(argv=None):
     compare.add_argument("--stage", default="evaluate", choices=["distill", "evaluate"])
     compare.add_argument("--all", action="store_true", help="every run, also those dvc.lock no longer points to")
     compare.set_defaults(func=cmd_compare)
+
+    sync = sub.add_parser("sync", help="send the runs kept locally while MLflow was unreachable to the server")
+    sync.set_defaults(func=cmd_sync)
 
     plan = sub.add_parser("plan", help="validate a profile; print its DAG, downloads, disk and compute estimate")
     plan.add_argument("--profile", default="params", help="a name in profiles/, a YAML path, or 'params'")

@@ -2,12 +2,14 @@
 
 `python -m stages.<name> [--flag value ...]` exits 0 when its outputs are written, 2 when params.yaml or the
 arguments are invalid (before any compute), and 1 when the stage fails while running; every output is written
-atomically, so a failed stage leaves the previous outputs as they were.
+atomically, so a failed stage leaves the previous outputs as they were. SIGTERM and SIGINT stop it as an exception
+(its MLflow run ends KILLED, its context managers clean up), then the process dies of the same signal.
 """
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 
 from pipeline.params import load_params_or_exit
@@ -21,6 +23,41 @@ class InvalidInput(Exception):
 
 class StageFailed(Exception):
     """A failure while running whose message says all the user needs (exit 1, no traceback)."""
+
+
+class Killed(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised where the stage is: a KeyboardInterrupt, which ends the MLflow run KILLED."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_killed(signum, frame):
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)  # a second signal kills at once, without the clean-up
+    raise Killed(signum)
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGINT raise Killed inside the block; after the clean-up the process dies of the signal, so that
+    its parent (DVC, Prefect, a shell) sees the usual status. A signal the process was started ignoring (nohup)
+    stays ignored."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, raise_killed)
+    try:
+        yield
+    except Killed as e:
+        print(f"stopped by {e}", file=sys.stderr, flush=True)
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Silent:
@@ -66,7 +103,10 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
         raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        with stage_run(name, logged_params, tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run:
+        with (
+            signals_raise(),
+            stage_run(name, logged_params, tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run,
+        ):
             body(params, args, run)
     except StageFailed as e:
         print(f"{name}: {e}", file=sys.stderr)
