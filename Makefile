@@ -39,7 +39,7 @@ test-ui: install
 # Faults injected into real stage processes of a micro project (kills, corrupted checkpoints, malicious files,
 # blown-up learning rates, a tracking server that dies, concurrent drivers, a full disk); ends with the count.
 test-faults: install
-	$(BIN)/python -m pytest -m faults tests/faults
+	$(BIN)/python -m pytest -m faults
 
 clean:
 	rm -rf $(VENV) checkpoints mlflow.db mlruns

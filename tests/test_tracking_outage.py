@@ -18,6 +18,8 @@ from test_cli import free_port
 
 from conftest import BIN, ROOT, dump_params, new_project
 
+pytestmark = pytest.mark.faults  # real servers started and crashed: make test-faults
+
 PROBE = '''"""A stage-like process: one metric per step until the file `stop` appears; --mode raise fails at step 3."""
 import os
 import time
