@@ -6,13 +6,12 @@ interrupted after a checkpoint and resumed ends with exactly the weights of an u
 
 import contextlib
 import copy
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from distillery.checkpoint import load_state, rng_state, save_state, set_rng_state
+from distillery.checkpoint import rng_state, set_rng_state
 from distillery.edm import edm_loss, ema_update, ramped_lr
 
 
@@ -33,14 +32,6 @@ class Schedule:
         return self.every > 0 and after // self.every > before // self.every
 
 
-def resume_state(path, fingerprint):
-    """The saved state at `path` if it was written by a run with the same fingerprint, else None."""
-    if path is None or not Path(path).exists():
-        return None
-    state = load_state(path)
-    return state if state.get("fingerprint") == fingerprint else None
-
-
 def train_teacher(
     net,
     images,
@@ -55,17 +46,17 @@ def train_teacher(
     P_mean=-1.2,
     P_std=1.2,
     augment_pipe=None,
-    checkpoint_path=None,
+    checkpoints=None,
     checkpoint_kimg=0,
-    fingerprint="",
     on_progress=None,
 ):
     """EDM training (docs/methods.md §1.2) on an in-memory data set, with EDM's augmentation when `augment_pipe`
-    is given (its labels train the net's augment map); returns the EMA network."""
+    is given (its labels train the net's augment map); returns the EMA network. With `checkpoints`
+    (distillery.checkpoint.Checkpoints) it resumes from the newest one and saves one every `checkpoint_kimg`."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     nimg = 0
-    state = resume_state(checkpoint_path, fingerprint)
+    state = checkpoints.latest() if checkpoints else None
     if state is not None:
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
@@ -74,7 +65,7 @@ def train_teacher(
         set_rng_state(state["rng"])
 
     total = int(duration_kimg * 1000)
-    checkpoints = Schedule(checkpoint_kimg)
+    saves = Schedule(checkpoint_kimg)
     net.train()
     while nimg < total:
         idx = torch.randint(len(images), (batch,))
@@ -96,11 +87,10 @@ def train_teacher(
         before, nimg = nimg, nimg + batch
         if on_progress:
             on_progress(nimg, {"loss": loss.mean().item()})
-        if checkpoint_path and (checkpoints.due(before, nimg) and nimg < total):
-            save_state(
-                checkpoint_path,
+        if checkpoints and (saves.due(before, nimg) and nimg < total):
+            checkpoints.save(
+                nimg,
                 dict(
-                    fingerprint=fingerprint,
                     nimg=nimg,
                     net=net.state_dict(),
                     ema=ema.state_dict(),
@@ -369,23 +359,23 @@ def distill(
     *,
     data=None,
     label_dim=0,
-    checkpoint_path=None,
-    fingerprint="",
+    checkpoints=None,
     monitor=None,
     on_progress=None,
 ):
     """One-step distillation (docs/methods.md §3) for `config.duration_kimg` thousand images, resumable.
 
-    `monitor(ema) -> float` (e.g. a small-sample FID) runs every `config.monitor_kimg` and at the end. Rank 0 alone
-    monitors, checkpoints and reports progress through `on_progress(nimg, losses)`.
+    `monitor(ema) -> float` (e.g. a small-sample FID) runs every `config.monitor_kimg` and at the end. Every rank
+    resumes from the newest of `checkpoints` (distillery.checkpoint.Checkpoints); rank 0 alone monitors, saves one
+    every `config.checkpoint_kimg` and reports progress through `on_progress(nimg, losses)`.
     """
     run = Distillation(method, teacher, generator, aux, config, data=data, label_dim=label_dim)
-    state = resume_state(checkpoint_path, fingerprint)
+    state = checkpoints.latest() if checkpoints else None
     if state is not None:
         run.load_state_dict(state)
 
     total = int(config.duration_kimg * 1000)
-    checkpoints, monitors = Schedule(config.checkpoint_kimg), Schedule(config.monitor_kimg)
+    saves, monitors = Schedule(config.checkpoint_kimg), Schedule(config.monitor_kimg)
     while run.nimg < total:
         before = run.nimg
         losses = run.iteration()
@@ -393,8 +383,8 @@ def distill(
             on_progress(run.nimg, losses)
         if run.rank == 0 and monitor and (monitors.due(before, run.nimg) or run.nimg >= total):
             run.observe(monitor)
-        if checkpoint_path and checkpoints.due(before, run.nimg) and run.nimg < total:
+        if checkpoints and saves.due(before, run.nimg) and run.nimg < total:
             state = run.state_dict()
             if run.rank == 0:
-                save_state(checkpoint_path, dict(fingerprint=fingerprint, **state))
+                checkpoints.save(run.nimg, state)
     return DistillResult(run.ema, run.best, run.history)

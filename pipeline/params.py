@@ -124,6 +124,7 @@ class TeacherParams(Section):
     ema_halflife_kimg: PosFloat = 5
     ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
     checkpoint_kimg: PosFloat = 20
+    checkpoint_keep: PosInt = 2  # the newest checkpoints kept on disk (an older one is the fallback)
     P_mean: float = -1.2
     P_std: PosFloat = 1.2
     # EDM's non-leaking augmentation of the training images (train.py --augment; 0.12 on CIFAR-10): its 9 labels
@@ -342,6 +343,7 @@ class DistillParams(Section):
     ema_halflife_kimg: PosFloat = 2
     ema_rampup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
     checkpoint_kimg: PosFloat = 5
+    checkpoint_keep: PosInt = 2  # the newest checkpoints kept on disk (an older one is the fallback)
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
     per_method: dict[MethodName, MethodTraining] = {}

@@ -19,7 +19,7 @@ def quiet_defaults():
 
 quiet_defaults()
 
-CHECKPOINT_DIR = Path("checkpoints")  # resumable training states; outside DVC, keyed by fingerprint
+CHECKPOINT_DIR = Path("checkpoints")  # resumable training states, one directory per stage run; outside DVC
 
 
 def seed_everything(seed):

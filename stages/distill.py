@@ -17,7 +17,7 @@ from pipeline.io import atomic_path, write_json
 from pipeline.runtime import CHECKPOINT_DIR, distributed, fingerprint, kimg_bar, seed_everything
 from pipeline.tracking import METRIC_COLUMNS
 
-from distillery.checkpoint import load_config, load_network, save_network
+from distillery.checkpoint import CheckpointError, Checkpoints, load_config, load_network, save_network
 from distillery.data import load_dataset, load_labels
 from distillery.metrics import extract_features, fid_from_statistics, fid_statistics
 from distillery.sampling import generate
@@ -25,7 +25,7 @@ from distillery.training import DistillConfig, TrainingData, distill
 
 from stages.common import RUN_ARGUMENTS, feature_net, find_run, reference, run_params, run_stage_name, run_tags
 from stages.paths import DATASET, TEACHER_DIR, distill_metrics, fid_curve, run_dir
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
 def training_config(params, method_name, lr):
@@ -156,31 +156,39 @@ def run(params, args, run):
             live.update(seen["nimg"] / 1000, fid=value, force=True)
             return value
 
-        checkpoint = CHECKPOINT_DIR / f"distill-{name}.pt"
         settings = params.settings(this)
-        start = time.perf_counter()
-        result = distill(
-            method,
-            teacher if method.needs_teacher else None,
-            generator,
-            aux,
-            config,
-            data=data,
-            label_dim=teacher.label_dim,
-            checkpoint_path=checkpoint,
-            fingerprint=fingerprint(
+        d = params.distill.for_method(this.method)
+        checkpoints = Checkpoints(
+            CHECKPOINT_DIR / f"distill-{name}",
+            fingerprint(
                 {
                     "seed": params.seed,
                     "lr": lr,
                     "method": this.method,
-                    "distill": params.distill.for_method(this.method).model_dump(),
+                    # how many are kept does not change the run: resuming survives a change of checkpoint_keep
+                    "distill": d.model_dump(exclude={"checkpoint_keep"}),
                     "method_params": settings,
                 },
                 [TEACHER_DIR],
             ),
-            monitor=tracked_monitor,
-            on_progress=progress,
+            keep=d.checkpoint_keep,
         )
+        start = time.perf_counter()
+        try:
+            result = distill(
+                method,
+                teacher if method.needs_teacher else None,
+                generator,
+                aux,
+                config,
+                data=data,
+                label_dim=teacher.label_dim,
+                checkpoints=checkpoints,
+                monitor=tracked_monitor,
+                on_progress=progress,
+            )
+        except CheckpointError as e:
+            raise StageFailed(str(e)) from None
         if rank == 0:
             bar.close()
             summary = write_outputs(
@@ -199,7 +207,7 @@ def run(params, args, run):
                 )
             )
             run.log_metrics({k: summary[k] for k in METRIC_COLUMNS["distill"]})
-            checkpoint.unlink(missing_ok=True)
+            checkpoints.remove()
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ from pipeline.pins import fetch
 from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
 
 from distillery.augment import AugmentPipe
-from distillery.checkpoint import save_network
+from distillery.checkpoint import CheckpointError, Checkpoints, save_network
 from distillery.data import load_dataset
 from distillery.edm_pickle import convert_edm_pickle
 from distillery.networks import build_network, edm_config
 from distillery.training import train_teacher
 
 from stages.paths import DATASET, TEACHER_DIR, metrics
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
 def teacher_config(params, resolution, channels, num_classes):
@@ -79,25 +79,32 @@ def train(params, run):
             last_logged[0] = nimg
 
     start = time.perf_counter()
-    checkpoint = CHECKPOINT_DIR / "teacher.pt"
-    ema = train_teacher(
-        net,
-        images,
-        labels,
-        batch=t.batch,
-        lr=t.lr,
-        lr_rampup_kimg=t.lr_rampup_kimg,
-        duration_kimg=t.duration_kimg,
-        ema_halflife_kimg=t.ema_halflife_kimg,
-        ema_rampup_ratio=t.ema_rampup_ratio,
-        P_mean=t.P_mean,
-        P_std=t.P_std,
-        augment_pipe=AugmentPipe.edm(t.augment_p) if t.augment_p > 0 else None,
-        checkpoint_path=checkpoint,
-        checkpoint_kimg=t.checkpoint_kimg,
-        fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
-        on_progress=progress,
+    checkpoints = Checkpoints(
+        CHECKPOINT_DIR / "teacher",
+        # how many are kept does not change the run: resuming survives a change of checkpoint_keep
+        fingerprint({"seed": params.seed, "teacher": t.model_dump(exclude={"checkpoint_keep"})}, [DATASET]),
+        keep=t.checkpoint_keep,
     )
+    try:
+        ema = train_teacher(
+            net,
+            images,
+            labels,
+            batch=t.batch,
+            lr=t.lr,
+            lr_rampup_kimg=t.lr_rampup_kimg,
+            duration_kimg=t.duration_kimg,
+            ema_halflife_kimg=t.ema_halflife_kimg,
+            ema_rampup_ratio=t.ema_rampup_ratio,
+            P_mean=t.P_mean,
+            P_std=t.P_std,
+            augment_pipe=AugmentPipe.edm(t.augment_p) if t.augment_p > 0 else None,
+            checkpoints=checkpoints,
+            checkpoint_kimg=t.checkpoint_kimg,
+            on_progress=progress,
+        )
+    except CheckpointError as e:
+        raise StageFailed(str(e)) from None
     bar.close()
     with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
         save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
@@ -110,7 +117,7 @@ def train(params, run):
     }
     write_json(metrics("teacher"), info)
     run.log_metrics(info)
-    checkpoint.unlink(missing_ok=True)
+    checkpoints.remove()
 
 
 def run(params, args, run):

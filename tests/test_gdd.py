@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distillery.checkpoint import load_state
+from distillery.checkpoint import Checkpoints
 from distillery.discriminators import BACKBONES, ProjectedDiscriminator, TeacherEncoderDiscriminator
 from distillery.methods.gdd import GDD, GDDI, gdd_i_frozen, gdd_i_trainable
 from distillery.networks import build_network, edm_config
@@ -173,7 +173,7 @@ def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
     method = GDD(r1_interval=2)
     torch.manual_seed(1)
     generator, disc = method.make_generator(teacher), method.make_aux(teacher)
-    ckpt = tmp_path / "state.pt"
+    checkpoints = Checkpoints(tmp_path / "checkpoints", "f")
     distill(
         method,
         None,
@@ -181,9 +181,9 @@ def test_lazy_r1_is_an_extra_discriminator_step_of_the_same_optimiser(tmp_path):
         disc,
         tiny_run(betas=(0.0, 0.99), checkpoint_kimg=0.032),
         data=TrainingData(images=torch.rand(32, 1, 8, 8) * 2 - 1),
-        checkpoint_path=ckpt,
+        checkpoints=checkpoints,
     )
-    state = load_state(ckpt)
+    state = checkpoints.latest()
     steps = [int(v["step"]) for v in state["opt_aux"]["state"].values()]
     # biases of the last layers do not enter ∇ₓD, so the R1 step leaves them alone
     assert max(steps) == 5 and set(steps) == {4, 5} and steps.count(5) > steps.count(4)

@@ -1,11 +1,12 @@
 """An interrupted and resumed run ends with exactly the bits of an uninterrupted one (CPU)."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from distillery.checkpoint import load_state
+from distillery.checkpoint import Checkpoints
 from distillery.methods.sid import SiD
 from distillery.training import distill, train_teacher
 
@@ -42,9 +43,8 @@ def teacher_run(tmp_path, on_progress=None):
         duration_kimg=0.16,
         ema_halflife_kimg=0.05,
         ema_rampup_ratio=0.05,
-        checkpoint_path=tmp_path / "teacher.pt",
+        checkpoints=Checkpoints(tmp_path / "teacher", "f"),
         checkpoint_kimg=0.064,
-        fingerprint="f",
     )
     return train_teacher(net, images, None, on_progress=on_progress, **kwargs)
 
@@ -53,7 +53,7 @@ def test_teacher_resume_is_bit_identical(tmp_path):
     reference = teacher_run(tmp_path / "a")
     with pytest.raises(Interrupt):  # dies after the 0.064-kimg checkpoint, before the next one
         teacher_run(tmp_path / "b", on_progress=interrupt_after(0.096))
-    assert (tmp_path / "b" / "teacher.pt").exists()
+    assert (tmp_path / "b" / "teacher" / "nimg-000000064.pt").exists()
     resumed = teacher_run(tmp_path / "b")
     assert_same_bits(reference, resumed)
     # and the comparison is sensitive: a run from another seed differs
@@ -86,14 +86,13 @@ def distill_run(tmp_path, fingerprint="f", on_progress=None, lr=1e-4):
         generator,
         fake,
         tiny_run(lr=lr, duration_kimg=0.064, checkpoint_kimg=0.024, monitor_kimg=0.016),
-        checkpoint_path=tmp_path / "distill.pt",
-        fingerprint=fingerprint,
+        checkpoints=Checkpoints(tmp_path / "distill", fingerprint),
         monitor=lambda ema: next(values) + torch.rand(()).item(),
         on_progress=on_progress,
     )
 
 
-def test_distill_resume_is_bit_identical(tmp_path):
+def test_distill_resume_is_bit_identical(tmp_path, capsys):
     ema_a, best_a, history_a = distill_run(tmp_path / "a")
     with pytest.raises(Interrupt):
         distill_run(tmp_path / "b", on_progress=interrupt_after(0.04))
@@ -105,8 +104,10 @@ def test_distill_resume_is_bit_identical(tmp_path):
     # another lr, so resuming its weights would change the bits
     with pytest.raises(Interrupt):
         distill_run(tmp_path / "c", fingerprint="other", on_progress=interrupt_after(0.04), lr=1e-3)
-    other = load_state(tmp_path / "c" / "distill.pt")
-    assert other["fingerprint"] == "other" and other["nimg"] == 24
+    other = json.loads((tmp_path / "c" / "distill" / "manifest.json").read_text())
+    assert other["fingerprint"] == "other" and [e["nimg"] for e in other["checkpoints"]] == [24]
+    capsys.readouterr()
     ema_c, _, history_c = distill_run(tmp_path / "c")
+    assert "checkpoints of another run (other params or inputs), removed" in capsys.readouterr().err
     assert [k for k, _ in history_c] == [k for k, _ in history_a]
     assert_same_bits(ema_a, ema_c)
