@@ -9,7 +9,7 @@ import pytest
 from faults.faultkit import snapshot, stage_command, stage_outputs, start
 from test_tracking_outage import Server
 
-from conftest import copy_project, sh
+from conftest import copy_project
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -46,7 +46,8 @@ def test_tracking_server_killed_mid_distill(fault_reference, tmp_path, ledger):
             assert kept and "distillery sync" in err, err
 
             server.start()
-            sh(["distillery", "sync"], project, extra_env=tracked)
+            sync = start(["distillery", "sync"], project, extra_env=tracked)
+            assert sync.wait(timeout=120) == 0, sync.communicate()
             assert list((project / "mlruns-unsynced").glob("*.json")) == []
             (run_id, status), *_ = [r for r in server.runs("distillery-micro")]
             assert status == "FINISHED"
