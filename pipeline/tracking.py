@@ -277,6 +277,10 @@ class StageRun:
         from pipeline import events
 
         self.experiment_id = ensure_experiment(client, self.experiment)
+        made = self.made_before(client)
+        if made is not None:  # the server created it but its answer was lost: carry on with that run
+            self.run_id, self.held_tags = made, {}
+            return
         close_orphans(client, self.experiment_id)
         if self.stage and "mlflow.parentRunId" not in self.tags:
             parent = invocation_parent(client, self.experiment_id)
@@ -286,6 +290,15 @@ class StageRun:
         self.run_id, self.held_tags = run.info.run_id, {}
         if self.stage:
             events.emit("mlflow_run", stage=self.stage, url=ui_url(self.experiment_id, self.run_id))
+
+    def made_before(self, client):
+        """The id of this very run if an earlier create_run reached the server (same process, name and start)."""
+        process = self.tags.get(PROCESS_TAG)
+        if self.run_id is not None or process is None:
+            return None
+        where = f"tags.`{PROCESS_TAG}` = '{process}' and attributes.run_name = '{self.name}'"
+        found = client.search_runs([self.experiment_id], filter_string=where, max_results=10)
+        return next((r.info.run_id for r in found if r.info.start_time == self.start_time), None)
 
     def send(self):
         """Send everything held, in order, forgetting each part once the server has it; raises on a failure."""
