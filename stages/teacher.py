@@ -1,5 +1,8 @@
 """Stage `teacher`: an official EDM checkpoint, downloaded (pinned) and converted without running its
-pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable."""
+pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable.
+
+A trained teacher that diverges (more than `teacher.nonfinite_limit` non-finite steps) fails the stage (exit 1):
+no student can distil it. Its last checkpoint stays on disk."""
 
 import time
 
@@ -18,7 +21,7 @@ from distillery.networks import build_network, edm_config
 from distillery.training import train_teacher
 
 from stages.paths import DATASET, TEACHER_DIR, metrics
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
 def teacher_config(params, resolution, channels, num_classes):
@@ -80,7 +83,7 @@ def train(params, run):
 
     start = time.perf_counter()
     checkpoint = CHECKPOINT_DIR / "teacher.pt"
-    ema = train_teacher(
+    result = train_teacher(
         net,
         images,
         labels,
@@ -97,8 +100,21 @@ def train(params, run):
         checkpoint_kimg=t.checkpoint_kimg,
         fingerprint=fingerprint({"seed": params.seed, "teacher": t.model_dump()}, [DATASET]),
         on_progress=progress,
+        nonfinite_limit=t.nonfinite_limit,
     )
     bar.close()
+    stop = result.diverged
+    if stop is not None:
+        run.log_metrics({"nonfinite_steps": result.nonfinite_steps})
+        run.set_tag("diverged", f"at {stop.kimg:g} kimg ({stop.loss})")
+        raise StageFailed(
+            f"the teacher diverged: {result.nonfinite_steps} steps with a non-finite loss or gradient (more than "
+            f"teacher.nonfinite_limit {t.nonfinite_limit}), the first at {stop.first_kimg:g} kimg ({stop.loss}); "
+            f"stopped at {stop.kimg:g} kimg, nothing written"
+            + (f", the last checkpoint kept in {checkpoint}" if checkpoint.exists() else "")
+            + " (lower teacher.lr?)"
+        )
+    ema = result.ema
     with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
         save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
     info = {
@@ -107,6 +123,7 @@ def train(params, run):
         "label_dim": config["label_dim"],
         "parameters": sum(p.numel() for p in ema.parameters()),
         "train_seconds": round(time.perf_counter() - start, 1),
+        "nonfinite_steps": result.nonfinite_steps,
     }
     write_json(metrics("teacher"), info)
     run.log_metrics(info)
