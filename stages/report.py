@@ -88,6 +88,9 @@ def status(train, evaluation, factor):
     best, final = train["best_monitor_fid"], train["final_monitor_fid"]
     if best is not None and final is not None and final > factor * best:
         return f"diverged (final FID > {factor:g}× best)"
+    n = train["nonfinite_steps"]
+    if n:  # tolerated, so the run went on (a short run never reaches the limit)
+        return f"unstable ({n} non-finite step{'s' if n > 1 else ''})"
     return "ok"
 
 
@@ -105,6 +108,8 @@ def status_text(params):
         "- `unmoved`: a saved generator is bit for bit the teacher copy it started from (every update was zeroed), "
         "so its scores are the teacher's as a one-step sampler.",
         f"- `diverged (final FID > {factor:g}× best)`: the final monitoring FID ran away from the best one.",
+        "- `unstable (<n> non-finite steps)`: the run had steps with a NaN/Inf loss or gradient, within the limit: "
+        "they were sanitised (updates zeroed or clipped) and the run went on.",
         "- `ok`: none of these.",
         "",
         "`—`: a score that was not computed.",
@@ -138,7 +143,7 @@ def student_row(m, train, factor, states=None):
         "rel-FID": m["rel_fid"],
         "images/s": m["images_per_s"],
         "kimg": m["kimg"],
-        "checkpoint": "last (no finite FID)" if m["best_kimg"] is None else f"best @ {m['best_kimg']:g} kimg",
+        "checkpoint": "last (no best)" if m["best_kimg"] is None else f"best @ {m['best_kimg']:g} kimg",
         "FID (last)": m["fid_last"],
         "status": status(train, m, factor),
     }

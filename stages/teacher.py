@@ -107,10 +107,11 @@ def train(params, run):
     if stop is not None:
         run.log_metrics({"nonfinite_steps": result.nonfinite_steps})
         run.set_tag("diverged", f"at {stop.kimg:g} kimg ({stop.loss})")
+        n = result.nonfinite_steps
         raise StageFailed(
-            f"the teacher diverged: {result.nonfinite_steps} steps with a non-finite loss or gradient (more than "
-            f"teacher.nonfinite_limit {t.nonfinite_limit}), the first at {stop.first_kimg:g} kimg ({stop.loss}); "
-            f"stopped at {stop.kimg:g} kimg, nothing written"
+            f"the teacher diverged at {stop.kimg:g} kimg ({stop.loss}): {n} step{'s' if n > 1 else ''} with a NaN/Inf "
+            f"loss or gradient, more than teacher.nonfinite_limit {t.nonfinite_limit}, the first at "
+            f"{stop.first_kimg:g} kimg; nothing written"
             + (f", the last checkpoint kept in {checkpoint}" if checkpoint.exists() else "")
             + " (lower teacher.lr?)"
         )

@@ -19,7 +19,7 @@ from pipeline.io import write_json
 from pipeline.params import parse_params
 
 from distillery.checkpoint import load_network, load_state, save_network
-from distillery.data import load_digits_dataset
+from distillery.data import load_digits_dataset, save_dataset
 from distillery.extractors import DIGITS, FeatureNet, write_info
 from distillery.features import save_digits_net, train_digits_classifier
 from distillery.methods.sid import SiD
@@ -222,6 +222,16 @@ def measured(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def in_project(measured, monkeypatch):
+    """Run a stage's body in this process, in the project directory; the torch flags its seeding sets (deterministic
+    algorithms) are put back afterwards."""
+    monkeypatch.chdir(measured)
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield measured
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+
+
 def micro_params(**distill):
     raw = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
     raw["study"]["lrs"] = ["1e3", "1e-4"]
@@ -234,13 +244,13 @@ class Args:
         self.run = run
 
 
-def test_a_diverged_run_writes_its_outputs_marked_and_is_not_scored(measured, monkeypatch):
+def test_a_diverged_run_writes_its_outputs_marked_and_is_not_scored(in_project):
     from stages import distill as distill_stage
     from stages import evaluate as evaluate_stage
     from stages.report import status
     from stages.skeleton import Silent
 
-    monkeypatch.chdir(measured)
+    measured = in_project
     params = micro_params(nonfinite_limit=2, checkpoint_kimg=0.016)  # batch 16: a checkpoint after every step
     distill_stage.run(params, Args("sid-1e3"), Silent())
     train = strict_json(measured / "metrics" / "distill" / "sid-1e3.json")
@@ -259,6 +269,23 @@ def test_a_diverged_run_writes_its_outputs_marked_and_is_not_scored(measured, mo
     assert [m[k] for k in ("fid", "is", "kid", "precision", "recall", "rel_fid", "fid_last")] == [None] * 7
     assert (measured / "samples" / "sid-1e3.npz").exists() and (measured / "reports" / "grids" / "sid-1e3.png").exists()
     assert status(train, m, factor=3.0) == "diverged at 0.048 kimg (loss_g)"
+
+
+def test_a_diverged_teacher_fails_its_stage_naming_the_step_and_the_loss(in_project):
+    from stages import teacher as teacher_stage
+    from stages.skeleton import Silent, StageFailed
+
+    measured = in_project
+    images, labels = load_digits_dataset()
+    (measured / "data").mkdir(exist_ok=True)
+    save_dataset(measured / "data" / "dataset.npz", images[:256], labels[:256], 10)
+    raw = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+    raw["teacher"].update(lr=1e6, lr_rampup_kimg=0, duration_kimg=0.64, nonfinite_limit=1)
+    before = (measured / "models" / "teacher" / "network.safetensors").read_bytes()
+    with pytest.raises(StageFailed, match=r"the teacher diverged at (\S+) kimg \(loss\): 2 steps .* the first at "):
+        teacher_stage.run(parse_params(raw), None, Silent())
+    assert (measured / "models" / "teacher" / "network.safetensors").read_bytes() == before  # nothing written
+    assert not (measured / "metrics" / "teacher.json").exists()
 
 
 def outcome(name, result, initial):
@@ -341,8 +368,8 @@ def test_rows_without_scores_render_as_dashes_and_the_status_key_is_written():
     cells = [c.strip() for c in lines[4].split("|")]
     assert cells[cells.index("1e3") + 3 : cells.index("1e3") + 5] == ["—", "—"]  # FID, IS
     key = "\n".join(status_text(micro_params()))
-    for shown in ["`diverged at <kimg> kimg (<loss>)`", "`diverged (non-finite images)`", "`unmoved`", "`ok`", "`—`"]:
-        assert shown in key
+    shown = ["`diverged at <kimg> kimg (<loss>)`", "`diverged (non-finite images)`", "`unmoved`", "`ok`", "`—`"]
+    assert all(status in key for status in [*shown, "`unstable (<n> non-finite steps)`"])
     assert "`distill.nonfinite_limit` (10)" in key and "`diverged (final FID > 3× best)`" in key
 
 

@@ -11,6 +11,7 @@ TRAIN = {
     "diverged_loss": None,
     "monitor_nonfinite": False,
     "unmoved": False,
+    "nonfinite_steps": 0,
     "final_monitor_fid": 10.0,
     "best_monitor_fid": 8.0,
 }
@@ -35,6 +36,10 @@ def test_non_finite_samples_mark_a_run_diverged():
 
 def test_a_generator_that_never_moved_is_unmoved():
     assert of(unmoved=True) == "unmoved"
+
+
+def test_a_run_with_tolerated_non_finite_steps_is_not_ok():
+    assert of(nonfinite_steps=5) == "unstable (5 non-finite steps)"
 
 
 def test_a_run_away_final_fid_marks_a_run_diverged():
