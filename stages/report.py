@@ -77,7 +77,7 @@ def teacher_row(m):
 
 
 def status(train, evaluation, factor):
-    """What became of a run, from its distill and evaluate metrics (docs/methods.md §3.12); STATUS_TEXT says what
+    """What became of a run, from its distill and evaluate metrics (docs/methods.md §3.12); status_text says what
     each status means. `ok` only when none of the others applies."""
     if train["diverged"]:
         return f"diverged at {train['diverged_kimg']:g} kimg ({train['diverged_loss']})"
