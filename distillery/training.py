@@ -6,6 +6,7 @@ interrupted after a checkpoint and resumed ends with exactly the weights of an u
 
 import contextlib
 import copy
+import math
 from typing import NamedTuple
 
 import torch
@@ -14,12 +15,66 @@ import torch.distributed as dist
 from distillery.checkpoint import rng_state, set_rng_state
 from distillery.edm import edm_loss, ema_update, ramped_lr
 
+NONFINITE_LIMIT = 10  # non-finite steps a run tolerates by default (params: teacher/distill.nonfinite_limit)
+
 
 def sanitize_grads(module):
     # NaN/Inf gradients would poison Adam's moments for good: NaN → 0, ±Inf → ±1e5, as the EDM, SiD, DI and GDD loops
     for p in module.parameters():
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+def grads_finite(module):
+    """Whether every gradient of `module` is finite, as a bool tensor (no host sync of its own)."""
+    flags = [p.grad.isfinite().all() for p in module.parameters() if p.grad is not None]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+class Divergence(NamedTuple):
+    """Why a run stopped early: more non-finite steps than its limit."""
+
+    kimg: float  # images seen when the run stopped, in thousands
+    loss: str  # the loss whose value or gradient went non-finite first (loss_g, loss_aux, loss_reg; the teacher's loss)
+    first_kimg: float  # images seen after that first non-finite step, in thousands
+
+
+class NonFiniteSteps:
+    """The non-finite steps of a run: steps where a loss or a gradient before `sanitize_grads` is NaN/±Inf.
+
+    sanitize_grads lets a run through an isolated bad step, as the reference loops do; a run that keeps making them
+    has blown up (its updates are all zeroed or clipped), so past `limit` of them it stops as diverged."""
+
+    def __init__(self, limit):
+        self.limit, self.count, self.first, self.step = limit, 0, None, []  # first: (kimg, loss name)
+
+    def check(self, name, loss_finite, grads_finite):
+        """Note the update `name` of the current step if its loss or its gradients were non-finite."""
+        if not (bool(loss_finite) and bool(grads_finite)):
+            self.step.append(name)
+
+    def end_step(self, nimg):
+        """Close the step after which `nimg` images have been seen; True when the run has now diverged."""
+        if self.step:
+            self.count += 1
+            self.first = self.first or (nimg / 1000, self.step[0])
+            self.step = []
+        return self.count > self.limit
+
+    def divergence(self, nimg):
+        return Divergence(nimg / 1000, self.first[1], self.first[0])
+
+    def state_dict(self):
+        return {"count": self.count, "first": self.first}
+
+    def load_state_dict(self, state):
+        self.count, self.first = state["count"], None if state["first"] is None else tuple(state["first"])
+
+
+class TeacherResult(NamedTuple):
+    ema: torch.nn.Module
+    nonfinite_steps: int
+    diverged: Divergence | None  # None: the run trained for its whole duration
 
 
 class Schedule:
@@ -49,19 +104,23 @@ def train_teacher(
     checkpoints=None,
     checkpoint_kimg=0,
     on_progress=None,
+    nonfinite_limit=NONFINITE_LIMIT,
 ):
     """EDM training (docs/methods.md §1.2) on an in-memory data set, with EDM's augmentation when `augment_pipe`
-    is given (its labels train the net's augment map); returns the EMA network. With `checkpoints`
-    (distillery.checkpoint.Checkpoints) it resumes from the newest one and saves one every `checkpoint_kimg`."""
+    is given (its labels train the net's augment map); returns a TeacherResult: the EMA network, and how it ended.
+    With `checkpoints` (distillery.checkpoint.Checkpoints) it resumes from the newest one and saves one every
+    `checkpoint_kimg`. More than `nonfinite_limit` non-finite steps stop the run as diverged, its last checkpoint left
+    as it was."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    nimg = 0
+    nimg, nonfinite = 0, NonFiniteSteps(nonfinite_limit)
     state = checkpoints.latest() if checkpoints else None
     if state is not None:
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         nimg = state["nimg"]
+        nonfinite.load_state_dict(state["nonfinite"])
         set_rng_state(state["rng"])
 
     total = int(duration_kimg * 1000)
@@ -81,12 +140,15 @@ def train_teacher(
         loss.sum().mul(1 / batch).backward()
         for group in opt.param_groups:
             group["lr"] = ramped_lr(lr, nimg, lr_rampup_kimg)
+        nonfinite.check("loss", loss.isfinite().all(), grads_finite(net))
         sanitize_grads(net)
         opt.step()
         ema_update(ema, net, nimg, batch, ema_halflife_kimg, ema_rampup_ratio)
         before, nimg = nimg, nimg + batch
         if on_progress:
             on_progress(nimg, {"loss": loss.mean().item()})
+        if nonfinite.end_step(nimg):
+            return TeacherResult(ema, nonfinite.count, nonfinite.divergence(nimg))
         if checkpoints and (saves.due(before, nimg) and nimg < total):
             checkpoints.save(
                 nimg,
@@ -95,10 +157,11 @@ def train_teacher(
                     net=net.state_dict(),
                     ema=ema.state_dict(),
                     opt=opt.state_dict(),
+                    nonfinite=nonfinite.state_dict(),
                     rng=rng_state(),
                 ),
             )
-    return ema
+    return TeacherResult(ema, nonfinite.count, None)
 
 
 class ShardStreams:
@@ -175,6 +238,7 @@ class DistillConfig(NamedTuple):
     shards: int = 1  # micro-batches of the global batch, one RNG stream each
     checkpoint_kimg: float = 0
     monitor_kimg: float = 0
+    nonfinite_limit: int = NONFINITE_LIMIT  # non-finite steps tolerated before the run stops as diverged
 
 
 class TrainingData(NamedTuple):
@@ -214,6 +278,7 @@ class Distillation:
         )
         self.streams = ShardStreams(config.seed, config.shards, self.device)
         self.nimg, self.step, self.history, self.best = 0, 0, [], None
+        self.nonfinite = NonFiniteSteps(config.nonfinite_limit)
 
     # --- Checkpoint state ------------------------------------------------------------------------------------------
 
@@ -230,6 +295,7 @@ class Distillation:
             opt_aux=self.opt_aux.state_dict() if self.opt_aux else None,
             history=self.history,
             best=self.best,
+            nonfinite=self.nonfinite.state_dict(),
             streams=streams,
         )
 
@@ -245,6 +311,7 @@ class Distillation:
                 module.load_state_dict(state[key])
         self.nimg, self.step, self.best = state["nimg"], state["step"], state["best"]
         self.history = [tuple(h) for h in state["history"]]
+        self.nonfinite.load_state_dict(state["nonfinite"])
         self.streams.load(state["streams"])
 
     # --- One iteration ---------------------------------------------------------------------------------------------
@@ -272,8 +339,9 @@ class Distillation:
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # data sets too big for float32 stay uint8
         return z, c, (x, c)
 
-    def update(self, opt, module, loss_of, batches=None):
-        """One optimiser step of `module` on the global batch; returns (loss, the shards' draws). `batches` reuses
+    def update(self, name, opt, module, loss_of, batches=None):
+        """One optimiser step of `module` on the global batch; returns (loss, the shards' draws), and notes the
+        update as `name` in the step's non-finite updates when its loss or a gradient was NaN/Inf. `batches` reuses
         an earlier update's draws (GDD's R1 step sees the real batch of the D step)."""
         opt.zero_grad(set_to_none=True)
         total, drawn = torch.zeros([], device=self.device), {}
@@ -284,10 +352,15 @@ class Distillation:
                 loss.backward()
             total += loss.detach()
         all_reduce_grads(module)
+        finite = grads_finite(module)  # the all-reduced gradients, before sanitising
         sanitize_grads(module)
         opt.step()
         if self.size > 1:
-            dist.all_reduce(total)
+            # the loss and a "some rank saw a non-finite gradient" count in one collective: every rank decides alike
+            reduced = torch.stack([total, (~finite).to(total)])
+            dist.all_reduce(reduced)
+            total, finite = reduced[0], reduced[1] == 0
+        self.nonfinite.check(name, total.isfinite(), finite)
         return total.item(), drawn
 
     def aux_update(self):
@@ -299,17 +372,22 @@ class Distillation:
             return None
         aux.train()
         loss, drawn = self.update(
-            self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real)
+            "loss_aux", self.opt_aux, aux, lambda z, c, real: method.aux_loss(generator, aux, z, c, real=real)
         )
         if method.regularizer_due(self.step):
-            self.update(self.opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), batches=drawn)
+            self.update(
+                "loss_reg", self.opt_aux, aux, lambda z, c, real: method.regularizer_loss(aux, c, real=real), drawn
+            )
         return loss
 
     def generator_update(self):
         method, generator, aux, teacher = self.method, self.generator, self.aux, self.teacher
         generator.train()  # G trains with its dropout, as in the reference loops
         return self.update(
-            self.opt_g, generator, lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real)
+            "loss_g",
+            self.opt_g,
+            generator,
+            lambda z, c, real: method.generator_loss(generator, aux, teacher, z, c, real=real),
         )[0]
 
     def iteration(self):
@@ -332,22 +410,28 @@ class Distillation:
     # --- Monitoring ------------------------------------------------------------------------------------------------
 
     def observe(self, monitor):
-        """Record monitor(ema) (lower is better) in the history; the EMA with the lowest value becomes "best"."""
+        """Record monitor(ema) (lower is better) in the history; the EMA with the lowest finite value becomes
+        "best" (a non-finite value, e.g. the FID of a generator that makes NaN images, never does)."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             value = float(monitor(self.ema))
         self.history.append((self.nimg / 1000, value))
-        if self.best is None or value < self.best["value"]:
+        if math.isfinite(value) and (self.best is None or value < self.best["value"]):
             self.best = {
                 "value": value,
                 "kimg": self.nimg / 1000,
                 "ema": {k: v.clone() for k, v in self.ema.state_dict().items()},
             }
 
+    def result(self, diverged=None):
+        return DistillResult(self.ema, self.best, self.history, self.nonfinite.count, diverged)
+
 
 class DistillResult(NamedTuple):
     ema: torch.nn.Module
-    best: dict | None  # {value, kimg, ema state} of the best monitored EMA
+    best: dict | None  # {value, kimg, ema state} of the best monitored EMA; None when no monitored value was finite
     history: list  # [(kimg, monitor value), ...]
+    nonfinite_steps: int = 0
+    diverged: Divergence | None = None  # None: the run trained for its whole duration
 
 
 def distill(
@@ -367,7 +451,9 @@ def distill(
 
     `monitor(ema) -> float` (e.g. a small-sample FID) runs every `config.monitor_kimg` and at the end. Every rank
     resumes from the newest of `checkpoints` (distillery.checkpoint.Checkpoints); rank 0 alone monitors, saves one
-    every `config.checkpoint_kimg` and reports progress through `on_progress(nimg, losses)`.
+    every `config.checkpoint_kimg` and reports progress through `on_progress(nimg, losses)`. More than
+    `config.nonfinite_limit` non-finite steps stop the run as diverged (every rank at the same step): it returns at
+    once, without a monitor value or checkpoint of the blown-up state.
     """
     run = Distillation(method, teacher, generator, aux, config, data=data, label_dim=label_dim)
     state = checkpoints.latest() if checkpoints else None
@@ -381,10 +467,12 @@ def distill(
         losses = run.iteration()
         if run.rank == 0 and on_progress:
             on_progress(run.nimg, losses)
+        if run.nonfinite.end_step(run.nimg):
+            return run.result(run.nonfinite.divergence(run.nimg))
         if run.rank == 0 and monitor and (monitors.due(before, run.nimg) or run.nimg >= total):
             run.observe(monitor)
         if checkpoints and saves.due(before, run.nimg) and run.nimg < total:
             state = run.state_dict()
             if run.rank == 0:
                 checkpoints.save(run.nimg, state)
-    return DistillResult(run.ema, run.best, run.history)
+    return run.result()

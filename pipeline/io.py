@@ -35,8 +35,10 @@ def atomic_path(final, is_dir=False):
 
 
 def write_json(path, data):
+    """Strict JSON: a NaN or ±Inf anywhere in `data` raises ValueError (json.dumps would write `NaN`/`Infinity`,
+    which JSON parsers outside Python refuse); the writer turns such values into null where they may occur."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_text(path, text):

@@ -130,6 +130,8 @@ class TeacherParams(Section):
     # EDM's non-leaking augmentation of the training images (train.py --augment; 0.12 on CIFAR-10): its 9 labels
     # condition the network's augment map (network.augment_dim 9)
     augment_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # steps with a NaN/Inf loss or gradient tolerated before the run stops as diverged (docs/methods.md §3.12)
+    nonfinite_limit: Annotated[int, Field(ge=0)] = 10
 
     @model_validator(mode="after")
     def download_given(self):
@@ -346,6 +348,8 @@ class DistillParams(Section):
     checkpoint_keep: PosInt = 2  # the newest checkpoints kept on disk (an older one is the fallback)
     monitor_kimg: PosFloat = 2
     monitor_samples: PosInt = 500
+    # steps with a NaN/Inf loss or gradient tolerated before a run stops as diverged (docs/methods.md §3.12)
+    nonfinite_limit: Annotated[int, Field(ge=0)] = 10
     per_method: dict[MethodName, MethodTraining] = {}
 
     def for_method(self, method) -> DistillParams:

@@ -74,14 +74,24 @@ def seed_blocks(params):
     return [list(range(k * n, (k + 1) * n)) for k in range(params.evaluation.fid_trials)]
 
 
-def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
+def measure(sampler, shape, label_dim, params, dev, teacher_stats=None, score=True):
     """Metrics of a sampler under the profile's protocol: FID aggregated over the seed blocks; IS, KID, rel-FID
-    and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics)."""
-    e, features = params.evaluation, feature_net()
-    ref_stats, ref_features = reference(features)
-    fids, first = [], None
+    and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics).
+
+    Images with NaN/Inf values are counted over all blocks (`nonfinite_images`). A set with any of them is not
+    scored, nor is any set when `score` is False (a diverged run): its FID, IS, KID, precision, recall and
+    rel-FID are None, and so are the statistics; uint8 conversion would turn NaN into pixels that score."""
+    e = params.evaluation
+    if score:
+        features = feature_net()
+        ref_stats, ref_features = reference(features)
+    fids, first, metrics, stats, nonfinite = [], None, None, None, 0
     for seeds in seed_blocks(params):
         samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
+        nonfinite += samples.nonfinite
+        if not score or nonfinite:
+            first = first or samples
+            continue  # sampled all the same: the count covers every block
         if first is None:
             first = samples
             metrics, stats = image_set_metrics(
@@ -98,12 +108,18 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None):
             fids.append(metrics["fid"])
         else:
             fids.append(fid_only(samples.images, features, ref_stats, batch_size=e.batch))
-    metrics.update(
-        aggregate_fids(fids, e.fid_aggregate),
-        images_per_s=len(first.images) / first.seconds,
-        nonfinite_images=first.nonfinite,
-    )
+    if score and not nonfinite:
+        metrics.update(aggregate_fids(fids, e.fid_aggregate))
+    else:
+        metrics, stats = unscored(len(first.images), teacher_stats is not None), None
+    metrics.update(images_per_s=len(first.images) / first.seconds, nonfinite_images=nonfinite)
     return metrics, first, stats
+
+
+def unscored(num_samples, rel_fid):
+    """The metrics of a set that is not scored: every score None."""
+    scores = "fid fid_std is is_std kid kid_std precision recall".split() + (["rel_fid"] if rel_fid else [])
+    return {**dict.fromkeys(scores), "fid_trials": [], "num_samples": num_samples}
 
 
 def protocol(params, feature, reference_path=REFERENCE_STATS):

@@ -3,10 +3,15 @@ resumable, FID over training.
 
 Under `torchrun` (more than one GPU for the stage) every rank trains its share of the batch shards
 and rank 0 alone monitors, logs and writes the outputs.
+
+A run that diverges (more than `distill.nonfinite_limit` non-finite steps) stops there and still writes its
+outputs, marked `diverged`; its last checkpoint stays on disk. A run whose generator never moved from the teacher
+copy it started as is marked `unmoved` (docs/methods.md §3.12).
 """
 
 import copy
 import csv
+import math
 import time
 from typing import NamedTuple
 
@@ -43,6 +48,7 @@ def training_config(params, method_name, lr):
         shards=d.shards,
         checkpoint_kimg=d.checkpoint_kimg,
         monitor_kimg=d.monitor_kimg,
+        nonfinite_limit=d.nonfinite_limit,
     )
 
 
@@ -66,7 +72,7 @@ def fid_monitor(params, method, teacher, dev):
             method.sampler(ema), seeds, shape, teacher.label_dim, batch=params.evaluation.batch, device=dev
         )
         if samples.nonfinite:
-            return float("inf")  # a blown-up generator: never "best", marked diverged in the report
+            return float("inf")  # a blown-up generator: never "best"; null in the metrics, an empty cell in the curve
         feats = extract_features(samples.images, features, batch_size=params.evaluation.batch)
         return fid_from_statistics(fid_statistics(feats[features.fid_key]), ref_stats)
 
@@ -87,37 +93,60 @@ class Outcome(NamedTuple):
     result: object  # distillery.training.DistillResult
     network_config: dict
     seconds: float
+    initial: dict  # the generator's weights before training (CPU state dict)
+
+
+def bit_equal(net, state):
+    """Whether `net` holds exactly the weights of the CPU state dict `state`."""
+    return all(torch.equal(v.cpu(), state[k]) for k, v in net.state_dict().items())
+
+
+def finite(value):
+    """A monitor value as the metrics hold it: None unless finite (a generator that made non-finite samples)."""
+    return value if math.isfinite(value) else None
 
 
 def write_outputs(o):
+    """The networks (`last`: the EMA at the end or where the run stopped; `best`: the EMA of the lowest finite
+    monitoring FID, else the last), the FID curve and the summary, also for a run that diverged."""
+    r, stop = o.result, o.result.diverged
+    best_net = copy.deepcopy(r.ema)
+    if r.best is not None:
+        best_net.load_state_dict(r.best["ema"])
     meta = {
         "method": o.method_name,
         "lr": o.lr,
         "sigma_init": o.sigma_init,
         "kimg": o.config.duration_kimg,
         "batch": o.config.batch,
-        "best_kimg": o.result.best["kimg"],
-        "best_monitor_fid": o.result.best["value"],
+        "best_kimg": r.best["kimg"] if r.best else None,
+        "best_monitor_fid": r.best["value"] if r.best else None,
         "augment_p": o.augment_p,
+        "diverged": stop is not None,
+        "diverged_kimg": stop.kimg if stop else None,
+        "diverged_loss": stop.loss if stop else None,
+        # SiD at lr 1e3 zeroes every update of G from the first step on: the teacher copy would be scored as the run
+        "unmoved": bit_equal(best_net, o.initial) or bit_equal(r.ema, o.initial),
     }
     with atomic_path(run_dir(o.name), is_dir=True) as tmp:
-        save_network(tmp, o.result.ema, o.network_config, name="last", meta=meta)
-        best_net = copy.deepcopy(o.result.ema)
-        best_net.load_state_dict(o.result.best["ema"])
+        save_network(tmp, r.ema, o.network_config, name="last", meta=meta)
         save_network(tmp, best_net, o.network_config, name="best", meta=meta)
     with atomic_path(fid_curve(o.name)) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["kimg", "fid", "method", "lr"])
-            writer.writerows([(f"{k:g}", f"{v:.6g}", o.method_name, o.lr_text) for k, v in o.result.history])
-    history = o.result.history
+            # a non-finite monitor value is an empty cell: no point on the curve
+            rows = [(f"{k:g}", f"{v:.6g}" if math.isfinite(v) else "", o.method_name, o.lr_text) for k, v in r.history]
+            writer.writerows(rows)
     summary = {
         **meta,
-        "final_monitor_fid": history[-1][1],
+        "final_monitor_fid": finite(r.history[-1][1]) if r.history else None,
+        "monitor_nonfinite": not all(math.isfinite(v) for _, v in r.history),  # a monitor sample set had NaN/Inf
+        "nonfinite_steps": r.nonfinite_steps,
+        "diverged_first_kimg": stop.first_kimg if stop else None,
         "train_seconds": round(o.seconds, 1),
-        "kimg_per_s": o.config.duration_kimg / o.seconds,
+        "kimg_per_s": (stop.kimg if stop else o.config.duration_kimg) / o.seconds,
         "monitor_samples": o.monitor_samples,
-        "diverged": not all(v < float("inf") for _, v in history),
     }
     write_json(distill_metrics(o.name), summary)
     return summary
@@ -132,6 +161,7 @@ def run(params, args, run):
         teacher = load_network(TEACHER_DIR, device=dev)
         seed_everything(params.seed)
         generator = method.make_generator(teacher)  # every method starts G from the teacher
+        initial = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()} if rank == 0 else None
         aux = method.make_aux(teacher)
         data = training_data(method, teacher.label_dim)
         bar = kimg_bar(config.duration_kimg, f"distill {name}") if rank == 0 else None
@@ -204,10 +234,21 @@ def run(params, args, run):
                     result,
                     load_config(TEACHER_DIR)["network"],
                     time.perf_counter() - start,
+                    initial,
                 )
             )
-            run.log_metrics({k: summary[k] for k in METRIC_COLUMNS["distill"]})
-            checkpoints.remove()
+            logged = {k: summary[k] for k in [*METRIC_COLUMNS["distill"], "nonfinite_steps"]}
+            run.log_metrics({k: v for k, v in logged.items() if v is not None})
+            stop = result.diverged
+            if stop is None:
+                checkpoints.remove()
+            else:  # the outputs say so, and the last checkpoints before the blow-up stay for a look
+                run.set_tag("diverged", f"at {stop.kimg:g} kimg ({stop.loss})")
+                kept = f"; last checkpoints kept in {checkpoints.directory}" if checkpoints.directory.exists() else ""
+                print(
+                    f"distill {name}: diverged at {stop.kimg:g} kimg ({result.nonfinite_steps} non-finite steps from "
+                    f"{stop.first_kimg:g} kimg on, {stop.loss} first); outputs written, marked diverged{kept}"
+                )
 
 
 if __name__ == "__main__":

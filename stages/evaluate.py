@@ -1,5 +1,8 @@
 """Stage `evaluate@<run>` (and `evaluate_fewstep@<run>`): FID, IS, KID, precision, recall, rel-FID, NFE and
-images/s of a distilled generator."""
+images/s of a distilled generator.
+
+A generator that makes any non-finite image, and every generator of a run that diverged, is not scored: its
+metrics are null and `not_scored` says why (the samples and grid are still written)."""
 
 import torch
 
@@ -38,7 +41,9 @@ def run(params, args, run):
     dev = device()
     teacher_stats = load_stats_npz(TEACHER_STATS)
     seeds = seed_blocks(params)[0]  # the first trial's seeds: stored samples, grid, IS/KID/rel-FID
-    results = {}
+    results, not_scored = {}, []
+    if meta["diverged"]:
+        not_scored.append(f"the run diverged at {meta['diverged_kimg']:g} kimg ({meta['diverged_loss']})")
     for checkpoint in ("best", "last"):
         generator = load_network(run_dir(name), name=checkpoint, device=dev)
         shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
@@ -49,13 +54,18 @@ def run(params, args, run):
             params,
             dev,
             teacher_stats=teacher_stats,
+            score=not meta["diverged"],
         )
+        if results[checkpoint]["nonfinite_images"]:
+            n, total = results[checkpoint]["nonfinite_images"], len(seeds) * e.fid_trials
+            not_scored.append(f"{n} of {total} images of the {checkpoint} checkpoint are non-finite")
         if checkpoint == "best":
             save_samples(student_samples(name), samples.images, seeds, samples.labels)
             save_grid(GRIDS / f"{name}.png", samples.images, e.grid_size)
 
     shift = None
-    if this.steps is not None:  # a few-step student: how far its inference states are from its training states
+    # a few-step student: how far its inference states are from its training states (when its samples are scored)
+    if this.steps is not None and results["best"]["fid"] is not None:
         images, labels, _ = load_dataset(DATASET)
         label_dim = generator.label_dim
         one_hot = torch.eye(label_dim)[torch.from_numpy(labels)] if label_dim else None
@@ -87,6 +97,8 @@ def run(params, args, run):
         "fid_last": results["last"]["fid"],
         "fid_last_std": results["last"]["fid_std"],
         "rel_fid_last": results["last"]["rel_fid"],
+        "nonfinite_images_last": results["last"]["nonfinite_images"],
+        "not_scored": "; ".join(not_scored) or None,
         "protocol": protocol(params, feature_net()),
         "covariate_shift": shift,
     }

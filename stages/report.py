@@ -26,7 +26,7 @@ from stages.paths import (
     metrics,
 )
 from stages.report_curves import write_fid_curves
-from stages.report_fewstep import fewstep_figure, fewstep_frame, shift_figure, shift_frame, shift_table
+from stages.report_fewstep import fewstep_figure, fewstep_frame, log_y, shift_figure, shift_frame, shift_table
 from stages.skeleton import StageFailed, run_stage
 
 COLUMNS = [
@@ -77,10 +77,43 @@ def teacher_row(m):
 
 
 def status(train, evaluation, factor):
-    """'diverged' when training produced non-finite samples or its final FID ran away from its best."""
-    blew_up = train["diverged"] or evaluation.get("nonfinite_images", 0) > 0
-    ran_away = train["final_monitor_fid"] > factor * train["best_monitor_fid"]
-    return "diverged" if blew_up or ran_away else "ok"
+    """What became of a run, from its distill and evaluate metrics (docs/methods.md §3.12); status_text says what
+    each status means. `ok` only when none of the others applies."""
+    if train["diverged"]:
+        return f"diverged at {train['diverged_kimg']:g} kimg ({train['diverged_loss']})"
+    if train["monitor_nonfinite"] or evaluation.get("nonfinite_images") or evaluation.get("nonfinite_images_last"):
+        return "diverged (non-finite images)"
+    if train["unmoved"]:
+        return "unmoved"
+    best, final = train["best_monitor_fid"], train["final_monitor_fid"]
+    if best is not None and final is not None and final > factor * best:
+        return f"diverged (final FID > {factor:g}× best)"
+    n = train["nonfinite_steps"]
+    if n:  # tolerated, so the run went on (a short run never reaches the limit)
+        return f"unstable ({n} non-finite step{'s' if n > 1 else ''})"
+    return "ok"
+
+
+def status_text(params):
+    """The report's key to the status column, as markdown lines."""
+    limit, factor = params.distill.nonfinite_limit, params.report.diverged_factor
+    return [
+        "Status (docs/methods.md §3.12):",
+        "",
+        f"- `diverged at <kimg> kimg (<loss>)`: more than `distill.nonfinite_limit` ({limit}) training steps had a "
+        "NaN/Inf loss or gradient, so the run stopped at that point; `<loss>` went non-finite first (`loss_g` the "
+        "generator's, `loss_aux` the fake score's or discriminator's, `loss_reg` GDD's R1). The run is not scored.",
+        "- `diverged (non-finite images)`: a monitoring sample set or an evaluated checkpoint held NaN/Inf images. "
+        "A checkpoint with any is not scored.",
+        "- `unmoved`: a saved generator is bit for bit the teacher copy it started from (every update was zeroed), "
+        "so its scores are the teacher's as a one-step sampler.",
+        f"- `diverged (final FID > {factor:g}× best)`: the final monitoring FID ran away from the best one.",
+        "- `unstable (<n> non-finite steps)`: the run had steps with a NaN/Inf loss or gradient, within the limit: "
+        "they were sanitised (updates zeroed or clipped) and the run went on.",
+        "- `ok`: none of these.",
+        "",
+        "`—`: a score that was not computed.",
+    ]
 
 
 def states_text(run, params):
@@ -110,7 +143,7 @@ def student_row(m, train, factor, states=None):
         "rel-FID": m["rel_fid"],
         "images/s": m["images_per_s"],
         "kimg": m["kimg"],
-        "checkpoint": f"best @ {m['best_kimg']:g} kimg",
+        "checkpoint": "last (no best)" if m["best_kimg"] is None else f"best @ {m['best_kimg']:g} kimg",
         "FID (last)": m["fid_last"],
         "status": status(train, m, factor),
     }
@@ -156,9 +189,9 @@ def lr_robustness_figure(params, table, path):
     ax.set_xscale("log")
     ax.set_xticks([x for x, _ in lrs], [text for _, text in lrs])
     ax.minorticks_off()
-    ax.set_yscale("log")
-    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis_formatter(LogFormatter(labelOnlyBase=False))  # 20, 30, 40 rather than 2×10¹ within a decade
+    if log_y(ax):
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(LogFormatter(labelOnlyBase=False))  # 20, 30, 40 rather than 2×10¹ within a decade
     ax.set_xlabel("learning rate (as written in params.yaml)")
     ax.set_ylabel("FID (best checkpoint)")
     ax.grid(True, which="both", alpha=0.3)
@@ -169,16 +202,16 @@ def lr_robustness_figure(params, table, path):
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def cell(value, fmt):
+def cell(value, fmt, missing=""):
     if isinstance(value, str):
         return value
-    return "" if pd.isna(value) else fmt.format(value)
+    return missing if pd.isna(value) else fmt.format(value)
 
 
 def formatted(table, protocol):
     shown = table.copy()
     if protocol["trials"] > 1 and protocol["aggregate"] == "mean":  # SiD's protocol: mean ± std over trials
-        shown["FID"] = [f"{f:.3f} ± {s:.3f}" for f, s in zip(shown["FID"], shown["FID std"])]
+        shown["FID"] = [None if pd.isna(f) else f"{f:.3f} ± {s:.3f}" for f, s in zip(shown["FID"], shown["FID std"])]
     shown = shown.drop(columns="FID std")
     for col, fmt in [
         ("FID", "{:.3f}"),
@@ -192,7 +225,8 @@ def formatted(table, protocol):
         ("kimg", "{:g}"),
         ("batch", "{:.0f}"),
     ]:
-        shown[col] = shown[col].map(lambda v, fmt=fmt: cell(v, fmt))
+        missing = "—" if col in SCORE_COLUMNS else ""  # a score not computed, beside a setting that does not apply
+        shown[col] = shown[col].map(lambda v, fmt=fmt, missing=missing: cell(v, fmt, missing))
     for col in ("states", "lr"):
         if col in shown:
             shown[col] = shown[col].map(lambda v: cell(v, "{}"))
@@ -202,6 +236,7 @@ def formatted(table, protocol):
 
 
 TEXT_COLUMNS = {"method", "states", "checkpoint", "status"}
+SCORE_COLUMNS = {"FID", "FID (last)", "IS", "KID", "precision", "recall", "rel-FID"}
 
 
 def published_section(profile):
@@ -329,9 +364,9 @@ def markdown(table, params, teacher, n_real, protocol, teacher_stage, shift):
             "",
             f"Students: every run distils at the batch and for the kimg of its row. The EMA generator with the "
             f"lowest monitoring FID ({d.monitor_samples} samples, every {d.monitor_kimg:g} kimg) is the `best` "
-            f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA. A run is marked "
-            f"`diverged` when it produced non-finite samples or its final monitoring FID exceeds "
-            f"{params.report.diverged_factor:g}× its best.",
+            f"checkpoint, on which the main columns are measured; `FID (last)` is the final EMA.",
+            "",
+            *status_text(params),
             "",
             *fewstep_section(params, shift),
             "## Learning-rate robustness",

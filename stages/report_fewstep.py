@@ -1,6 +1,7 @@
 """The few-step part of the report: FID, precision and recall against NFE with and without DDIL, and the
 covariate-shift table and figure (docs/methods.md §3.11)."""
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -9,6 +10,16 @@ from pipeline.io import atomic_path
 from distillery.registry import METHODS
 
 VARIANT_STYLE = {"plain": "-", "ddil": "--"}
+
+
+def log_y(ax):
+    """A log y axis when there is a value to show: the FIDs of runs that were not scored are null, and matplotlib
+    cannot log-scale an axis without one. Returns whether the axis is logarithmic."""
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [[]])
+    if not (np.isfinite(values) & (values > 0)).any():
+        return False
+    ax.set_yscale("log")
+    return True
 
 
 def fewstep_frame(params, evals):
@@ -59,7 +70,7 @@ def fewstep_figure(frame, profile, path):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(frame["K"].unique()), [str(k) for k in sorted(frame["K"].unique())])
         ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
+    log_y(axes[0])
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.suptitle(f"Few-step students with and without DDIL — profile {profile}")
     fig.tight_layout()

@@ -72,6 +72,9 @@ class Silent:
     def log_table(self, frame, artifact_file):
         pass
 
+    def set_tag(self, key, value):
+        pass
+
 
 def shared_params(params, args=None):
     """What a stage logs to MLflow by default: the sections that belong to no method and no run."""

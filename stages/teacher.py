@@ -1,5 +1,8 @@
 """Stage `teacher`: an official EDM checkpoint, downloaded (pinned) and converted without running its
-pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable."""
+pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable.
+
+A trained teacher that diverges (more than `teacher.nonfinite_limit` non-finite steps) fails the stage (exit 1):
+no student can distil it. Its last checkpoint stays on disk."""
 
 import time
 
@@ -86,7 +89,7 @@ def train(params, run):
         keep=t.checkpoint_keep,
     )
     try:
-        ema = train_teacher(
+        result = train_teacher(
             net,
             images,
             labels,
@@ -102,10 +105,24 @@ def train(params, run):
             checkpoints=checkpoints,
             checkpoint_kimg=t.checkpoint_kimg,
             on_progress=progress,
+            nonfinite_limit=t.nonfinite_limit,
         )
     except CheckpointError as e:
         raise StageFailed(str(e)) from None
     bar.close()
+    stop = result.diverged
+    if stop is not None:
+        run.log_metrics({"nonfinite_steps": result.nonfinite_steps})
+        run.set_tag("diverged", f"at {stop.kimg:g} kimg ({stop.loss})")
+        n = result.nonfinite_steps
+        raise StageFailed(
+            f"the teacher diverged at {stop.kimg:g} kimg ({stop.loss}): {n} step{'s' if n > 1 else ''} with a NaN/Inf "
+            f"loss or gradient, more than teacher.nonfinite_limit {t.nonfinite_limit}, the first at "
+            f"{stop.first_kimg:g} kimg; nothing written"
+            + (f", the last checkpoints kept in {checkpoints.directory}" if checkpoints.directory.exists() else "")
+            + " (lower teacher.lr?)"
+        )
+    ema = result.ema
     with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
         save_network(tmp, ema, config, meta={"source": "train", "kimg": t.duration_kimg})
     info = {
@@ -114,6 +131,7 @@ def train(params, run):
         "label_dim": config["label_dim"],
         "parameters": sum(p.numel() for p in ema.parameters()),
         "train_seconds": round(time.perf_counter() - start, 1),
+        "nonfinite_steps": result.nonfinite_steps,
     }
     write_json(metrics("teacher"), info)
     run.log_metrics(info)

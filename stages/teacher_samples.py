@@ -10,7 +10,7 @@ from distillery.sampling import heun
 
 from stages.common import feature_net, measure, protocol, save_grid, save_samples, seed_blocks
 from stages.paths import GRIDS, TEACHER_DIR, TEACHER_SAMPLES, TEACHER_STATS, metrics
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
 def run(params, args, run):
@@ -20,6 +20,10 @@ def run(params, args, run):
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     nfe = 2 * e.teacher_steps - 1
     info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
+    if stats is None:  # measure scores no set with NaN/Inf images
+        raise StageFailed(
+            f"{info['nonfinite_images']} of the teacher's samples are non-finite: nothing to compare with"
+        )
     seeds = seed_blocks(params)[0]
     info.update(
         nfe=nfe,

@@ -33,8 +33,8 @@ class Interrupt(Exception):
 
 
 def teacher_run(directory, fingerprint="f", keep=2, stop_at=None):
-    """10 iterations of batch 16 with a checkpoint every 2 (after 32, 64, 96 and 128 images); with `stop_at`, the
-    run dies once it has seen that many images."""
+    """The EMA of 10 iterations of batch 16 with a checkpoint every 2 (after 32, 64, 96 and 128 images); with
+    `stop_at`, the run dies once it has seen that many images."""
 
     def progress(nimg, _):
         if stop_at is not None and nimg >= stop_at:
@@ -55,7 +55,7 @@ def teacher_run(directory, fingerprint="f", keep=2, stop_at=None):
         checkpoints=Checkpoints(directory, fingerprint, keep),
         checkpoint_kimg=0.032,
         on_progress=progress,
-    )
+    ).ema
 
 
 def interrupted_run(directory, fingerprint="f"):

@@ -19,13 +19,13 @@ def train(lr=1e-3):
     teacher = tiny_edm(dropout=0.1).eval().requires_grad_(False)
     generator = copy.deepcopy(teacher).requires_grad_(True)
     method = SiD()
-    ema, _, _ = distill(
+    ema = distill(
         method,
         teacher,
         generator,
         method.make_aux(teacher),
         tiny_run(batch=BATCH, lr=lr, duration_kimg=STEPS * BATCH / 1000, seed=5, shards=SHARDS),
-    )
+    ).ema
     return generator.state_dict(), ema.state_dict()
 
 

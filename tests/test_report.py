@@ -1,24 +1,50 @@
-"""The report marks blown-up runs instead of dropping them, and keeps published numbers apart and sourced."""
+"""The report marks blown-up and unmoved runs instead of dropping them, and keeps published numbers apart and
+sourced."""
 
 from pipeline.published import PUBLISHED, published_rows
 
 from stages.report import status
 
-TRAIN = {"diverged": False, "final_monitor_fid": 10.0, "best_monitor_fid": 8.0}
+TRAIN = {
+    "diverged": False,
+    "diverged_kimg": None,
+    "diverged_loss": None,
+    "monitor_nonfinite": False,
+    "unmoved": False,
+    "nonfinite_steps": 0,
+    "final_monitor_fid": 10.0,
+    "best_monitor_fid": 8.0,
+}
+
+
+def of(evaluation=None, **train):
+    return status({**TRAIN, **train}, {"nonfinite_images": 0, **(evaluation or {})}, factor=3.0)
 
 
 def test_a_healthy_run_is_ok():
-    assert status(TRAIN, {"nonfinite_images": 0}, factor=3.0) == "ok"
+    assert of() == "ok"
+
+
+def test_a_run_stopped_by_non_finite_steps_shows_where_and_which_loss():
+    assert of(diverged=True, diverged_kimg=0.088, diverged_loss="loss_aux") == "diverged at 0.088 kimg (loss_aux)"
 
 
 def test_non_finite_samples_mark_a_run_diverged():
-    assert status({**TRAIN, "diverged": True}, {}, factor=3.0) == "diverged"
-    assert status(TRAIN, {"nonfinite_images": 5}, factor=3.0) == "diverged"
+    assert of(monitor_nonfinite=True) == "diverged (non-finite images)"
+    assert of({"nonfinite_images": 3}) == of({"nonfinite_images_last": 200}) == "diverged (non-finite images)"
+
+
+def test_a_generator_that_never_moved_is_unmoved():
+    assert of(unmoved=True) == "unmoved"
+
+
+def test_a_run_with_tolerated_non_finite_steps_is_not_ok():
+    assert of(nonfinite_steps=5) == "unstable (5 non-finite steps)"
 
 
 def test_a_run_away_final_fid_marks_a_run_diverged():
-    assert status({**TRAIN, "final_monitor_fid": 25.0}, {}, factor=3.0) == "diverged"
-    assert status({**TRAIN, "final_monitor_fid": 23.0}, {}, factor=3.0) == "ok"
+    assert of(final_monitor_fid=25.0) == "diverged (final FID > 3× best)"
+    assert of(final_monitor_fid=23.0) == "ok"
 
 
 def test_published_rows_carry_sources_and_leave_out_unverified_numbers():

@@ -46,7 +46,7 @@ def teacher_run(tmp_path, on_progress=None):
         checkpoints=Checkpoints(tmp_path / "teacher", "f"),
         checkpoint_kimg=0.064,
     )
-    return train_teacher(net, images, None, on_progress=on_progress, **kwargs)
+    return train_teacher(net, images, None, on_progress=on_progress, **kwargs).ema
 
 
 def test_teacher_resume_is_bit_identical(tmp_path):
@@ -58,7 +58,7 @@ def test_teacher_resume_is_bit_identical(tmp_path):
     assert_same_bits(reference, resumed)
     # and the comparison is sensitive: a run from another seed differs
     torch.manual_seed(7)
-    other = train_teacher(
+    other, _, _ = train_teacher(
         tiny_edm(dropout=0.1),
         torch.rand(64, 1, 8, 8) * 2 - 1,
         None,
@@ -93,10 +93,10 @@ def distill_run(tmp_path, fingerprint="f", on_progress=None, lr=1e-4):
 
 
 def test_distill_resume_is_bit_identical(tmp_path, capsys):
-    ema_a, best_a, history_a = distill_run(tmp_path / "a")
+    ema_a, best_a, history_a, _, _ = distill_run(tmp_path / "a")
     with pytest.raises(Interrupt):
         distill_run(tmp_path / "b", on_progress=interrupt_after(0.04))
-    ema_b, best_b, history_b = distill_run(tmp_path / "b")
+    ema_b, best_b, history_b, _, _ = distill_run(tmp_path / "b")
     assert_same_bits(ema_a, ema_b)
     assert history_a[-1][0] == history_b[-1][0] == 0.064
     assert best_a["kimg"] == best_b["kimg"]
@@ -107,7 +107,7 @@ def test_distill_resume_is_bit_identical(tmp_path, capsys):
     other = json.loads((tmp_path / "c" / "distill" / "manifest.json").read_text())
     assert other["fingerprint"] == "other" and [e["nimg"] for e in other["checkpoints"]] == [24]
     capsys.readouterr()
-    ema_c, _, history_c = distill_run(tmp_path / "c")
+    ema_c, _, history_c, _, _ = distill_run(tmp_path / "c")
     assert "checkpoints of another run (other params or inputs), removed" in capsys.readouterr().err
     assert [k for k, _ in history_c] == [k for k, _ in history_a]
     assert_same_bits(ema_a, ema_c)

@@ -28,7 +28,7 @@ def test_train_teacher_trains_the_augment_map_only_with_the_pipe():
         net = tiny_edm(augment_dim=9)
         initial = net.model.map_augment.weight.clone()
         torch.manual_seed(0)
-        ema = train_teacher(
+        ema, _, _ = train_teacher(
             net,
             images,
             None,
