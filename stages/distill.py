@@ -142,6 +142,7 @@ def write_outputs(o):
         **meta,
         "final_monitor_fid": finite(r.history[-1][1]) if r.history else None,
         "monitor_nonfinite": not all(math.isfinite(v) for _, v in r.history),  # a monitor sample set had NaN/Inf
+        "monitor_fids": [[k, finite(v)] for k, v in r.history],  # [kimg, FID or null]: when a run went wrong
         "nonfinite_steps": r.nonfinite_steps,
         "diverged_first_kimg": stop.first_kimg if stop else None,
         "train_seconds": round(o.seconds, 1),

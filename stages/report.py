@@ -76,18 +76,33 @@ def teacher_row(m):
     }
 
 
+def runaway_since(history, factor):
+    """The kimg from which the monitoring FID stayed above `factor` × its best (the start of the final run-away)."""
+    best = min(v for _, v in history)
+    since = None
+    for kimg, value in history:
+        since = (since or kimg) if value > factor * best else None
+    return since
+
+
 def status(train, evaluation, factor):
     """What became of a run, from its distill and evaluate metrics (docs/methods.md §3.12); status_text says what
-    each status means. `ok` only when none of the others applies."""
+    each status means. `ok` only when none of the others applies; every `diverged` names the kimg it happened at."""
     if train["diverged"]:
         return f"diverged at {train['diverged_kimg']:g} kimg ({train['diverged_loss']})"
-    if train["monitor_nonfinite"] or evaluation.get("nonfinite_images") or evaluation.get("nonfinite_images_last"):
-        return "diverged (non-finite images)"
+    history = train["monitor_fids"]
+    bad = [kimg for kimg, value in history if value is None]
+    if evaluation.get("nonfinite_images"):  # the evaluated best checkpoint (the last one when none was best)
+        bad.append(train["best_kimg"] if train["best_kimg"] is not None else train["kimg"])
+    if evaluation.get("nonfinite_images_last"):
+        bad.append(train["kimg"])
+    if bad:
+        return f"diverged at {min(bad):g} kimg (non-finite images)"
     if train["unmoved"]:
         return "unmoved"
     best, final = train["best_monitor_fid"], train["final_monitor_fid"]
     if best is not None and final is not None and final > factor * best:
-        return f"diverged (final FID > {factor:g}× best)"
+        return f"diverged at {runaway_since(history, factor):g} kimg (FID > {factor:g}× best)"
     n = train["nonfinite_steps"]
     if n:  # tolerated, so the run went on (a short run never reaches the limit)
         return f"unstable ({n} non-finite step{'s' if n > 1 else ''})"
@@ -103,11 +118,12 @@ def status_text(params):
         f"- `diverged at <kimg> kimg (<loss>)`: more than `distill.nonfinite_limit` ({limit}) training steps had a "
         "NaN/Inf loss or gradient, so the run stopped at that point; `<loss>` went non-finite first (`loss_g` the "
         "generator's, `loss_aux` the fake score's or discriminator's, `loss_reg` GDD's R1). The run is not scored.",
-        "- `diverged (non-finite images)`: a monitoring sample set or an evaluated checkpoint held NaN/Inf images. "
-        "A checkpoint with any is not scored.",
+        "- `diverged at <kimg> kimg (non-finite images)`: the monitoring sample set at that point, or an evaluated "
+        "checkpoint of it, held NaN/Inf images. A checkpoint with any is not scored.",
         "- `unmoved`: a saved generator is bit for bit the teacher copy it started from (every update was zeroed), "
         "so its scores are the teacher's as a one-step sampler.",
-        f"- `diverged (final FID > {factor:g}× best)`: the final monitoring FID ran away from the best one.",
+        f"- `diverged at <kimg> kimg (FID > {factor:g}× best)`: the final monitoring FID ran away from the best one; "
+        "from that point on it stayed above that bound.",
         "- `unstable (<n> non-finite steps)`: the run had steps with a NaN/Inf loss or gradient, within the limit: "
         "they were sanitised (updates zeroed or clipped) and the run went on.",
         "- `ok`: none of these.",

@@ -14,6 +14,9 @@ TRAIN = {
     "nonfinite_steps": 0,
     "final_monitor_fid": 10.0,
     "best_monitor_fid": 8.0,
+    "best_kimg": 0.128,
+    "kimg": 0.512,
+    "monitor_fids": [[0.128, 8.0], [0.256, 9.0], [0.384, 12.0], [0.512, 10.0]],
 }
 
 
@@ -29,9 +32,11 @@ def test_a_run_stopped_by_non_finite_steps_shows_where_and_which_loss():
     assert of(diverged=True, diverged_kimg=0.088, diverged_loss="loss_aux") == "diverged at 0.088 kimg (loss_aux)"
 
 
-def test_non_finite_samples_mark_a_run_diverged():
-    assert of(monitor_nonfinite=True) == "diverged (non-finite images)"
-    assert of({"nonfinite_images": 3}) == of({"nonfinite_images_last": 200}) == "diverged (non-finite images)"
+def test_non_finite_samples_mark_a_run_diverged_where_they_appeared():
+    nan_at_256 = [[0.128, 8.0], [0.256, None], [0.384, None], [0.512, None]]
+    assert of(monitor_nonfinite=True, monitor_fids=nan_at_256) == "diverged at 0.256 kimg (non-finite images)"
+    assert of({"nonfinite_images": 3}) == "diverged at 0.128 kimg (non-finite images)"  # the best checkpoint
+    assert of({"nonfinite_images_last": 200}) == "diverged at 0.512 kimg (non-finite images)"  # the last one
 
 
 def test_a_generator_that_never_moved_is_unmoved():
@@ -42,9 +47,10 @@ def test_a_run_with_tolerated_non_finite_steps_is_not_ok():
     assert of(nonfinite_steps=5) == "unstable (5 non-finite steps)"
 
 
-def test_a_run_away_final_fid_marks_a_run_diverged():
-    assert of(final_monitor_fid=25.0) == "diverged (final FID > 3× best)"
-    assert of(final_monitor_fid=23.0) == "ok"
+def test_a_run_away_final_fid_marks_a_run_diverged_from_where_it_stayed_away():
+    away = [[0.128, 8.0], [0.256, 30.0], [0.384, 12.0], [0.512, 26.0], [0.64, 25.0]]
+    assert of(final_monitor_fid=25.0, monitor_fids=away) == "diverged at 0.512 kimg (FID > 3× best)"
+    assert of(final_monitor_fid=23.0, monitor_fids=[*away[:-1], [0.64, 23.0]]) == "ok"
 
 
 def test_published_rows_carry_sources_and_leave_out_unverified_numbers():
