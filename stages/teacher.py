@@ -1,6 +1,7 @@
 """Stage `teacher`: an official EDM checkpoint, downloaded (pinned) and converted without running its
 pickled code (`teacher.source: url`), or a small EDM teacher trained on the data set (toy), resumable."""
 
+import pickle
 import time
 
 import torch
@@ -18,7 +19,7 @@ from distillery.networks import build_network, edm_config
 from distillery.training import train_teacher
 
 from stages.paths import DATASET, TEACHER_DIR, metrics
-from stages.skeleton import run_stage
+from stages.skeleton import StageFailed, run_stage
 
 
 def teacher_config(params, resolution, channels, num_classes):
@@ -39,11 +40,15 @@ def teacher_config(params, resolution, channels, num_classes):
 
 
 def convert_official(params, run):
-    """Download the pinned EDM pickle and convert it once into our network format."""
+    """Download the pinned EDM pickle and convert it once into our network format (a first-use pin is recorded
+    only once the pickle converted)."""
     spec = params.teacher.download
-    path, digest = fetch(spec)
-    with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
-        config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+    with fetch(spec) as (path, digest):
+        try:
+            with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+                config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise StageFailed(f"{spec.url} is not a usable EDM pickle: {e}") from None
     info = {
         "source": spec.url,
         "sha256": digest,
