@@ -8,9 +8,13 @@ atomically, so a failed stage leaves the previous outputs as they were.
 import argparse
 import contextlib
 import os
+import signal
 import sys
 
+from pipeline.driver import exit_with_driver
+from pipeline.io import remove_debris
 from pipeline.params import load_params_or_exit
+from pipeline.repo_lock import Held, acquire
 from pipeline.runs_file import check_or_exit as runs_file_current_or_exit
 from pipeline.tracking import stage_run
 
@@ -43,6 +47,22 @@ def shared_params(params, args=None):
     return {k: v for k, v in params.model_dump().items() if k not in {*METHODS, "study", "fewstep", "distill"}}
 
 
+def claim_repository(name, rank0):
+    """Before any compute: hold the repository lock until this process ends (or share that of the driver which
+    started it; exit 2 when another process holds it), end with that driver, and delete the temporary files that
+    killed writers left. Rank 0 of a DDP stage holds the lock and writes for all ranks."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: temp files are deleted
+    if rank0:
+        try:
+            acquire()  # released by the kernel when this process exits
+        except Held as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        remove_debris(".")
+    exit_with_driver()
+
+
 def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, logged=shared_params):
     """Run the stage `stage`: parse `arguments` ({flag: help}, all required), load params.yaml, resolve the stage's
     name, open its MLflow run and call `body(params, args, run)`.
@@ -65,6 +85,7 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    claim_repository(name, rank0)
     try:
         with stage_run(name, logged_params, tags=run_tags) if rank0 else contextlib.nullcontext(Silent()) as run:
             body(params, args, run)
