@@ -89,7 +89,8 @@ def test_a_stage_under_a_shell_ends_itself_when_its_driver_is_killed(repo):
         writer = holder(repo)["pid"]
         chain = [p.name() for p in psutil.Process(writer).parents()[:2]]
         assert chain[0] in ("sh", "dash", "bash") and chain[1].startswith("python"), chain  # stage <- sh <- driver
-        assert debris(repo)  # mid-write: the temporary directory exists
+        (temp,) = debris(repo)  # mid-write: the temporary directory, named with its writer's pid
+        assert temp.startswith(f"models/.probe.{writer}."), temp
         driver.kill()
         driver.wait()
         wait_for(lambda: ended(writer), timeout=10, what="the orphaned stage to end")
