@@ -1,8 +1,8 @@
 """The one shape of every stage: arguments, validated params, one MLflow run, the exit status.
 
 `python -m stages.<name> [--flag value ...]` exits 0 when its outputs are written, 2 when params.yaml or the
-arguments are invalid (before any compute), and 1 when the stage fails while running; every output is written
-atomically, so a failed stage leaves the previous outputs as they were.
+arguments are invalid or another run holds the repository (before any compute), and 1 when the stage fails while
+running; every output is written atomically, so a failed or stopped stage leaves the previous outputs as they were.
 """
 
 import argparse
