@@ -101,10 +101,7 @@ def test_a_second_stage_is_refused_before_computing_while_the_first_runs(repo):
     assert "features" not in mlflow_runs(repo)  # refused before its MLflow run, before any compute
 
 
-def test_the_processes_a_holder_starts_share_its_lock_and_no_other(repo, held):
-    alone = stage(repo, "features")
-    assert alone.returncode == 2 and f"in use by pid {os.getpid()} (" in alone.stderr, alone.stderr
-    assert not (repo / "models" / "features").exists()
+def test_the_processes_a_holder_starts_share_its_lock(repo, held):
     shared = stage(repo, "features", env=tool_env({TOKEN_ENV: held}))
     assert shared.returncode == 0, shared.stderr
     assert (repo / "models" / "features" / "extractor.json").is_file()
