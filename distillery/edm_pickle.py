@@ -172,7 +172,8 @@ def convert_edm_pickle(path, out_dir, meta=None):
     net.load_state_dict(module_state_dict(data["ema"]), strict=True)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    # named as pipeline/io.py names temporary siblings (writer's pid): a killed conversion's are found and removed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".tmp", dir=out_dir.parent))
     try:
         save_network(tmp, net, config, meta=meta)
         os.replace(tmp, out_dir)

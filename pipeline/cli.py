@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline.params import ParamsError, load_params
+from pipeline.repo_lock import Held, repository_lock
 from pipeline.runs_file import sync as sync_runs_file
 
 
@@ -32,6 +33,13 @@ def parse_gpus(text):
     return [int(g) for g in text.split(",") if g.strip()] if text else []
 
 
+def stop_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C: the running stages are stopped, the MLflow run ended, the lock released."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def cmd_run(args):
     import os
 
@@ -39,7 +47,13 @@ def cmd_run(args):
 
     quiet_defaults()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    sync_runs_file(args.params, load_params(args.params))  # refuse a bad params.yaml, write runs.yaml, before all
+    stop_on_sigterm()
+    with repository_lock("."):  # refused at once while another run holds it; runs.yaml is written under it
+        sync_runs_file(args.params, load_params(args.params))  # refuse a bad params.yaml, write runs.yaml, before all
+        return run_flow(args)
+
+
+def run_flow(args):
     from pipeline.flow import StagesFailed, run
 
     try:
@@ -55,6 +69,9 @@ def cmd_run(args):
         )
     except StagesFailed as e:
         states, error = e.states, e
+    except KeyboardInterrupt:
+        print("distillery run: interrupted; its running stages were stopped", file=sys.stderr)
+        return 130
     timeline = {}
     for name, state in states.items():
         result = state.result(raise_on_failure=False) if state.is_completed() else {}
@@ -79,14 +96,17 @@ def cmd_repro(args):
     import os
     import subprocess
 
+    from pipeline.driver import DRIVER_ENV
     from pipeline.runtime import quiet_defaults
     from pipeline.tracking import parent_run
 
     quiet_defaults()
-    sync_runs_file(args.params, load_params(args.params))  # runs.yaml before DVC reads dvc.yaml
-    with parent_run(Path.cwd(), "dvc repro") as info:
-        env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": info.run_id}
-        return subprocess.run(["dvc", "repro", *args.targets], env=env).returncode
+    stop_on_sigterm()  # subprocess.run kills dvc on the way out; its stage then ends itself (pipeline/driver.py)
+    with repository_lock("."):  # shared by the stages dvc runs
+        sync_runs_file(args.params, load_params(args.params))  # runs.yaml before DVC reads dvc.yaml
+        with parent_run(Path.cwd(), "dvc repro") as info:
+            env = {**os.environ, "DISTILLERY_PARENT_RUN_ID": info.run_id, DRIVER_ENV: str(os.getpid())}
+            return subprocess.run(["dvc", "repro", *args.targets], env=env).returncode
 
 
 def cmd_compare(args):
@@ -179,8 +199,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except ParamsError as e:
-        print(e, file=sys.stderr)
+    except (ParamsError, Held) as e:
+        print(f"distillery {args.command}: {e}" if isinstance(e, Held) else e, file=sys.stderr)
         return 2
 
 

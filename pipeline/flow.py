@@ -4,6 +4,9 @@ The stage graph comes from DVC itself (`Repo.index.graph`). A task skips its sta
 up to date, otherwise runs the stage's command with its own GPU group (`CUDA_VISIBLE_DEVICES`), streams
 the output into the Prefect task log, and records the outputs with `dvc commit` under a lock (DVC
 refuses concurrent writers). Afterwards `dvc status` is clean and `dvc repro` has nothing to do.
+
+The flow holds the repository lock (pipeline/repo_lock.py) for its whole run, its stage processes share it, and
+a stopped flow (Ctrl-C, SIGTERM) stops them: none runs on after it.
 """
 
 import os
@@ -31,6 +34,8 @@ from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import events
+from pipeline.driver import DRIVER_ENV, terminate
+from pipeline.repo_lock import repository_lock
 
 DVC_LOCK = threading.Lock()  # one DVC writer (and reader of the lock file) at a time in this process
 
@@ -38,7 +43,9 @@ DVC_LOCK = threading.Lock()  # one DVC writer (and reader of the lock file) at a
 def open_repo(root):
     from dvc.repo import Repo
 
-    return Repo(str(root))
+    # wait for DVC's lock, as `dvc --wait-for-lock` does: a `dvc repro` holding it while its stage is refused our
+    # repository lock ends soon, and failing here would leave a computed stage unrecorded
+    return Repo(str(root), _wait_for_lock=True)
 
 
 def stage_graph(root):
@@ -122,6 +129,27 @@ def stage_command(name, cmd, group):
 # The GPU pool of the running flow: tasks run in this process's threads and share it.
 POOL = GPUPool([], 1)
 
+RUNNING = set()  # the stage processes of the running flow (Popen)
+RUNNING_LOCK = threading.Lock()
+STOPPING = threading.Event()  # set when the flow is stopped: no stage starts after it
+
+
+def start_stage(args, **kwargs):
+    with RUNNING_LOCK:
+        if STOPPING.is_set():
+            raise RuntimeError("the flow is stopping: stage not started")
+        proc = subprocess.Popen(args, **kwargs)
+        RUNNING.add(proc)
+    return proc
+
+
+def stop_stages():
+    """End the running stage processes and their children (SIGTERM, then SIGKILL after a grace period)."""
+    with RUNNING_LOCK:
+        STOPPING.set()
+        running = list(RUNNING)
+    terminate(running)
+
 
 def artifact_key(*parts):
     """A Prefect artifact key (lowercase letters, digits, dashes) from a stage name."""
@@ -183,7 +211,12 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
         return Completed(name="Cached", message="up to date in DVC: not run", data=result)
     with POOL.acquire() as group:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, group)), "DISTILLERY_EVENTS": "1"}
+        env = {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, group)),
+            "DISTILLERY_EVENTS": "1",
+            DRIVER_ENV: str(os.getpid()),  # the stage ends itself if this process dies
+        }
         if not group and POOL.cpu_threads:
             env.setdefault("OMP_NUM_THREADS", str(POOL.cpu_threads))
         if parent_run_id:
@@ -191,18 +224,22 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         args = stage_command(name, cmd, group)
         logger.info("running %s on %s: %s", name, f"GPUs {group}" if group else "CPU", " ".join(args))
         started = time.time()
-        proc = subprocess.Popen(
+        proc = start_stage(
             args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        artifacts = Artifacts(name, logger)
-        for line in proc.stdout:
-            text, event = events.parse(line)
-            if text.strip() or event is None:
-                logger.info(text.rstrip())
-            if event is not None:
-                artifacts(event)
-        if proc.wait() != 0:
-            raise RuntimeError(f"stage {name} failed with exit code {proc.returncode}")
+        try:
+            artifacts = Artifacts(name, logger)
+            for line in proc.stdout:
+                text, event = events.parse(line)
+                if text.strip() or event is None:
+                    logger.info(text.rstrip())
+                if event is not None:
+                    artifacts(event)
+            if proc.wait() != 0:
+                raise RuntimeError(f"stage {name} failed with exit code {proc.returncode}")
+        finally:
+            with RUNNING_LOCK:
+                RUNNING.discard(proc)
         finished = time.time()
     outs = commit_stage(root, name)
     logger.info("%s recorded in DVC: %s", name, outs)
@@ -264,12 +301,19 @@ def pipeline_flow(
         )
     graph = stage_graph(root)
     futures = {}
-    for name in topological(graph):
-        upstream = [futures[u] for u in graph[name]]
-        futures[name] = run_stage.with_options(task_run_name=name, retries=retries).submit(
-            root, name, parent_run_id, wait_for=upstream
-        )
-    wait(list(futures.values()))
+    STOPPING.clear()
+    try:
+        for name in topological(graph):
+            upstream = [futures[u] for u in graph[name]]
+            futures[name] = run_stage.with_options(task_run_name=name, retries=retries).submit(
+                root, name, parent_run_id, wait_for=upstream
+            )
+        wait(list(futures.values()))
+    except BaseException:
+        # Ctrl-C or SIGTERM (Prefect's TerminationSignal): the task threads, which the task runner waits for on the
+        # way out, wait for their stage processes, so those are ended first
+        stop_stages()
+        raise
     states = {name: f.state for name, f in futures.items()}
     results = Path(root) / RESULTS
     if "report" in states and states["report"].is_completed() and results.is_file():
@@ -284,10 +328,12 @@ def pipeline_flow(
 
 
 def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
-    """Run the DAG under Prefect inside one MLflow parent run; returns {stage: final Prefect state}.
+    """Run the DAG under Prefect inside one MLflow parent run, holding the repository lock; returns {stage: final
+    Prefect state}.
 
     The flow run is named after the profile and the git commit and tagged with both and the GPUs.
-    Raises StagesFailed (carrying every stage's state) when a stage failed; its downstream stages do not run."""
+    Raises StagesFailed (carrying every stage's state) when a stage failed; its downstream stages do not run.
+    Raises repo_lock.Held, before anything runs, when another process holds the repository lock."""
     from prefect import tags
 
     from pipeline.params import load_params
@@ -299,7 +345,11 @@ def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
     os.environ["DISTILLERY_ROOT"] = root
     commit = git_commit()[:8]
     gpu_tag = f"gpus:{','.join(map(str, gpus))}" if gpus else "gpus:none (CPU)"
-    with parent_run(root, "distillery run") as info, tags(f"profile:{profile}", f"commit:{commit}", gpu_tag):
+    with (
+        repository_lock(root),
+        parent_run(root, "distillery run") as info,
+        tags(f"profile:{profile}", f"commit:{commit}", gpu_tag),
+    ):
         return pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{profile} @ {commit}")(
             root,
             list(gpus),

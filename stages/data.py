@@ -1,6 +1,8 @@
 """Stage `data`: the data set as one array file (images, labels): the bundled digits, CIFAR-10, or a data set
 zip in EDM's format (FFHQ, AFHQv2, ImageNet at 64×64)."""
 
+from contextlib import nullcontext
+
 from pipeline.io import atomic_path, write_json
 from pipeline.pins import DOWNLOADS, fetch, file_sha256
 
@@ -15,10 +17,11 @@ def run(params, args, run):
     if d.source == "cifar10":
         images, labels = load_cifar10_dataset(DOWNLOADS)
     elif d.source == "edm-zip":
-        path, digest = fetch(d.download) if d.download else (d.path, file_sha256(d.path))
-        if d.path and d.sha256 and digest != d.sha256:
-            raise StageFailed(f"{d.path} has sha256 {digest}, but data.sha256 pins {d.sha256}")
-        images, labels = load_edm_zip(path, d.resolution)
+        source = fetch(d.download) if d.download else nullcontext((d.path, file_sha256(d.path)))
+        with source as (path, digest):  # a downloaded zip's first-use pin is recorded once it loaded
+            if d.path and d.sha256 and digest != d.sha256:
+                raise StageFailed(f"{d.path} has sha256 {digest}, but data.sha256 pins {d.sha256}")
+            images, labels = load_edm_zip(path, d.resolution)
     else:
         images, labels = load_digits_dataset()
     with atomic_path(DATASET) as tmp:

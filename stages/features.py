@@ -5,6 +5,7 @@ It is an evaluation network only: no training loss anywhere reads it. Its identi
 sha256) is in models/features/extractor.json, so a new extractor reruns exactly the stages that compute features.
 """
 
+import contextlib
 import urllib.error
 
 import torch
@@ -44,8 +45,9 @@ def digits_classifier(params, run):
     run.log_metrics(info)
 
 
-def inception_weights(spec):
-    """The local path of the pinned weights file: downloaded (`url`) or given (`path`), checked against the pin."""
+def inception_weights(spec, stack):
+    """The local path of the pinned weights file: downloaded (`url`) or given (`path`), checked against the pin; a
+    download is a `fetch` entered on `stack`, whose end is when the weights were imported."""
     if spec.path is not None:
         digest = file_sha256(spec.path)
         if digest != spec.sha256:
@@ -54,7 +56,7 @@ def inception_weights(spec):
             )
         return spec.path
     try:
-        return fetch(spec)[0]
+        return stack.enter_context(fetch(spec))[0]
     except (urllib.error.URLError, OSError, ChecksumMismatch) as e:
         raise StageFailed(
             f"cannot fetch the Inception weights {spec.url} (sha256 {spec.sha256}): {e}\n"
@@ -66,10 +68,9 @@ def inception_weights(spec):
 
 def inception(params, run):
     spec = params.evaluation.weights()
-    path = inception_weights(spec)
-    with atomic_path(FEATURES_DIR, is_dir=True) as tmp:
+    with contextlib.ExitStack() as stack, atomic_path(FEATURES_DIR, is_dir=True) as tmp:
         try:
-            import_inception_weights(path, tmp)
+            import_inception_weights(inception_weights(spec, stack), tmp)
         except ValueError as e:
             raise StageFailed(str(e)) from None
         identity = write_info(tmp, INCEPTION, spec.sha256, source=spec.url or spec.path, feature_dim=2048)  # pool3

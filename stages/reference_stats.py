@@ -17,13 +17,13 @@ from stages.skeleton import StageFailed, run_stage
 
 def import_edm_npz(params, run):
     """EDM's published statistics (`mu`, `sigma`); KID needs features they do not carry, so it is skipped."""
-    path, digest = fetch(params.evaluation.reference_download)
-    stats = load_stats_npz(path)
-    dim = stats["mu"].shape[0]
-    if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
-        raise StageFailed(
-            f"{path}: expected mu [D] and sigma [D, D], got {stats['mu'].shape} and {stats['sigma'].shape}"
-        )
+    with fetch(params.evaluation.reference_download) as (path, digest):  # a first-use pin once the file loaded
+        stats = load_stats_npz(path)
+        dim = stats["mu"].shape[0]
+        if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
+            raise StageFailed(
+                f"{path}: expected mu [D] and sigma [D, D], got {stats['mu'].shape} and {stats['sigma'].shape}"
+            )
     with atomic_path(REFERENCE_STATS) as tmp:
         save_stats_npz(tmp, stats)
     with atomic_path(REFERENCE_FEATURES) as tmp:

@@ -1,9 +1,10 @@
 """The one shape of every stage: arguments, validated params, one MLflow run, the exit status.
 
 `python -m stages.<name> [--flag value ...]` exits 0 when its outputs are written, 2 when params.yaml or the
-arguments are invalid (before any compute), and 1 when the stage fails while running; every output is written
-atomically, so a failed stage leaves the previous outputs as they were. SIGTERM and SIGINT stop it as an exception
-(its MLflow run ends KILLED, its context managers clean up), then the process dies of the same signal.
+arguments are invalid or another run holds the repository (before any compute), and 1 when the stage fails while
+running; every output is written atomically, so a failed or stopped stage leaves the previous outputs as they were.
+SIGTERM and SIGINT stop it as an exception (its MLflow run ends KILLED, its context managers clean up), then the
+process dies of the same signal.
 """
 
 import argparse
@@ -12,7 +13,10 @@ import os
 import signal
 import sys
 
+from pipeline.driver import exit_with_driver
+from pipeline.io import remove_debris
 from pipeline.params import load_params_or_exit
+from pipeline.repo_lock import Held, acquire
 from pipeline.runs_file import check_or_exit as runs_file_current_or_exit
 from pipeline.tracking import stage_run
 
@@ -83,6 +87,20 @@ def shared_params(params, args=None):
     return {k: v for k, v in params.model_dump().items() if k not in {*METHODS, "study", "fewstep", "distill"}}
 
 
+def claim_repository(name, rank0):
+    """Before any compute: hold the repository lock until this process ends (or share that of the driver which
+    started it; exit 2 when another process holds it), end with that driver, and delete the temporary files that
+    killed writers left. Rank 0 of a DDP stage holds the lock and writes for all ranks."""
+    if rank0:
+        try:
+            acquire()  # released by the kernel when this process exits
+        except Held as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        remove_debris(".")
+    exit_with_driver()
+
+
 def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, logged=shared_params):
     """Run the stage `stage`: parse `arguments` ({flag: help}, all required), load params.yaml, resolve the stage's
     name, open its MLflow run and call `body(params, args, run)`.
@@ -105,6 +123,7 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    claim_repository(name, rank0)
     try:
         with (
             signals_raise(),

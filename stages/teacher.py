@@ -4,6 +4,7 @@ pickled code (`teacher.source: url`), or a small EDM teacher trained on the data
 A trained teacher that diverges (more than `teacher.nonfinite_limit` non-finite steps) fails the stage (exit 1):
 no student can distil it. Its last checkpoint stays on disk."""
 
+import pickle
 import time
 
 import torch
@@ -42,11 +43,15 @@ def teacher_config(params, resolution, channels, num_classes):
 
 
 def convert_official(params, run):
-    """Download the pinned EDM pickle and convert it once into our network format."""
+    """Download the pinned EDM pickle and convert it once into our network format (a first-use pin is recorded
+    only once the pickle converted)."""
     spec = params.teacher.download
-    path, digest = fetch(spec)
-    with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
-        config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+    with fetch(spec) as (path, digest):
+        try:
+            with atomic_path(TEACHER_DIR, is_dir=True) as tmp:
+                config = convert_edm_pickle(path, tmp, meta={"source": spec.url, "sha256": digest})
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise StageFailed(f"{spec.url} is not a usable EDM pickle: {e}") from None
     info = {
         "source": spec.url,
         "sha256": digest,

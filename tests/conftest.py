@@ -24,7 +24,8 @@ def dump_params(path, params):
         YAML(typ="safe", pure=True).dump(params, f)
 
 
-def sh(args, cwd, check=True, extra_env=None):
+def tool_env(extra_env=None):
+    """The environment the tests run the project's commands in: the venv's tools first, offline and quiet."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -36,7 +37,11 @@ def sh(args, cwd, check=True, extra_env=None):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def sh(args, cwd, check=True, extra_env=None):
+    result = subprocess.run(args, cwd=cwd, env=tool_env(extra_env), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -73,6 +78,15 @@ def built_micro(tmp_path_factory):
 def copy_project(src, dst):
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory):
+    """A micro project whose `data` stage `dvc repro` has run (what the teacher and features stages read); copy it
+    before changing it."""
+    repo = new_project(tmp_path_factory.mktemp("data") / "repo")
+    sh(["dvc", "repro", "data"], repo)
+    return repo
 
 
 # The fault-injection suite (tests/faults, `make test-faults`): its undisturbed reference build and its count.

@@ -38,7 +38,12 @@ def run_teacher_stage(project):
         cwd=project,
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(project)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "HOME": str(project),
+            "PYTHONPATH": str(ROOT),
+        },
     )
 
 
@@ -97,7 +102,7 @@ def test_edm_reference_statistics_are_imported_from_a_pinned_npz(tmp_path):
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)},
         )
     assert result.returncode == 0, result.stderr
     stats = load_stats_npz(tmp_path / "stats" / "reference.npz")
