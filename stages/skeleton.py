@@ -9,6 +9,7 @@ process dies of the same signal.
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -132,4 +133,13 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
             body(params, args, run)
     except StageFailed as e:
         print(f"{name}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"{name}: {e.strerror}{where}: free some space and run it again (earlier outputs are as they were)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None

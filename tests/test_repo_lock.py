@@ -16,6 +16,8 @@ from pipeline.repo_lock import TOKEN_ENV, acquire, lock_file
 
 from conftest import copy_project, dump_params, sh, tool_env
 
+pytestmark = pytest.mark.faults  # real processes killed and signalled: make test-faults
+
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 PYTHON = Path(sys.executable).name  # how a lock holder's command line names the interpreter
 

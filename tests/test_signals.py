@@ -20,6 +20,8 @@ from pipeline.repo_lock import Held, acquire
 
 from conftest import copy_project, sh, tool_env
 
+pytestmark = pytest.mark.faults  # real processes killed and signalled: make test-faults
+
 
 def debris(repo):
     """Temporary files anywhere in the project (`.<name>.<pid>.<random>.tmp`), hidden directories included."""
@@ -130,7 +132,7 @@ def test_killing_dvc_repro_with_sigkill_ends_its_stage_with_nothing_left(repo):
     try:
         wait_for(lambda: "stages.teacher" in holder(repo).get("command", ""), what="the teacher stage to start")
         teacher = holder(repo)["pid"]
-        wait_for(lambda: (repo / "checkpoints" / "teacher.pt").exists(), what="the teacher to train")
+        wait_for(lambda: (repo / "checkpoints" / "teacher" / "manifest.json").exists(), what="the teacher to train")
         dvc.kill()
         dvc.wait()
         wait_for(lambda: ended(teacher), timeout=10, what="the teacher stage to end after dvc was killed")
@@ -164,7 +166,11 @@ def test_sigterm_to_distillery_run_stops_its_running_stages(repo, tmp_path):
         return found
 
     try:
-        wait_for(lambda: teacher() and (repo / "checkpoints" / "teacher.pt").exists(), timeout=180, what="the teacher")
+        wait_for(
+            lambda: teacher() and (repo / "checkpoints" / "teacher" / "manifest.json").exists(),
+            timeout=180,
+            what="the teacher",
+        )
         (stage,) = teacher()
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
