@@ -106,9 +106,31 @@ def acquire(root="."):
     return release
 
 
+def running_dvc_repro(root):
+    """A live `dvc repro` (or `dvc exp run`) working in this repository: (pid, command line), or None. Its stages take
+    the lock one at a time, so between two of them the lock is free while it still has stages to run."""
+    import psutil
+
+    root = Path(root).resolve()
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        args = [Path(a).name for a in (proc.info["cmdline"] or [])[:3]]
+        if "dvc" in args and ("repro" in args or "exp" in args) and proc.info["cwd"]:
+            cwd = Path(proc.info["cwd"]).resolve()
+            if (cwd == root or root in cwd.parents) and proc.pid != os.getpid():
+                return proc.pid, shlex.join(proc.info["cmdline"])
+    return None
+
+
 @contextmanager
 def repository_lock(root="."):
-    """The repository lock (or the driver's, shared) for the with-block; raises Held when another process holds it."""
+    """The repository lock of a driver (`distillery run`, `distillery repro`) for the with-block; raises Held when
+    another process holds it or a `dvc repro` is running in the repository."""
+    dvc = running_dvc_repro(root)
+    if dvc is not None and not shares_driver_lock(lock_file(root)):
+        raise Held(
+            f"the repository is in use by pid {dvc[0]} ({dvc[1]}): one run at a time per repository; "
+            f"wait for it to end or stop it, then run again"
+        )
     release = acquire(root)
     try:
         yield

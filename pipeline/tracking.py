@@ -4,6 +4,7 @@ MLflow is for browsing and comparing; the DVC-tracked metric files stay the sour
 """
 
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ for _key, _value in {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }.items():
     os.environ.setdefault(_key, _value)
+# A local store that fails (a full disk) is reported by StageRun in one line; MLflow would add the whole traceback.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 RETRY_EVERY_S = 30.0  # while the server is unreachable, logging calls send the held data again at most this often
 UNSYNCED = "mlruns-unsynced"  # runs the server did not take, one JSON file each, until `distillery sync`

@@ -18,9 +18,10 @@ LRS = ["10", "1e3"]
 def test_every_method_at_a_blowup_rate_reads_diverged_with_its_step(fault_reference, tmp_path, ledger):
     project = copy_project(fault_reference, tmp_path / "p")
     toy = yaml.safe_load((ROOT / "params.yaml").read_text())
-    methods = {m: toy[m] for m in ONE_STEP + FEW_STEP}  # the toy's settings of every method
+    methods = {m: toy.get(m, {}) for m in ONE_STEP + FEW_STEP}  # the toy's settings of every method (pd: defaults)
     methods["dmd2"].update(fake_updates=2, rollout_steps=2)
     methods["cd"].update(rollout_steps=2)
+    methods["pd"].update(teacher_steps=4, round_kimg=0.064)  # two rounds, 4 → 2 steps
     fault_params(
         project,
         study={"methods": ONE_STEP, "lrs": LRS, "per_method": {}},
