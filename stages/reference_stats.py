@@ -18,7 +18,11 @@ from stages.skeleton import StageFailed, run_stage
 def import_edm_npz(params, run):
     """EDM's published statistics (`mu`, `sigma`); KID needs features they do not carry, so it is skipped."""
     with fetch(params.evaluation.reference_download) as (path, digest):  # a first-use pin once the file loaded
-        stats = load_stats_npz(path)
+        try:
+            stats = load_stats_npz(path)
+        except (ValueError, KeyError, OSError) as e:  # not an npz, pickled object arrays, no mu/sigma
+            url = params.evaluation.reference_download.url
+            raise StageFailed(f"{path} ({url}) is not an EDM statistics npz: {e}") from None
         dim = stats["mu"].shape[0]
         if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
             raise StageFailed(

@@ -88,6 +88,16 @@ def shared_params(params, args=None):
     return {k: v for k, v in params.model_dump().items() if k not in {*METHODS, "study", "fewstep", "distill"}}
 
 
+def no_space(error):
+    """The OSError "no space left" (or "quota exceeded") behind `error`, if that is what it is (torch.save wraps it
+    in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def claim_repository(name, rank0):
     """Before any compute: hold the repository lock until this process ends (or share that of the driver which
     started it; exit 2 when another process holds it), end with that driver, and delete the temporary files that
@@ -134,8 +144,9 @@ def run_stage(stage, body, *, doc, arguments=None, instance=None, tags=None, log
     except StageFailed as e:
         print(f"{name}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:
+        e = no_space(error)
+        if e is None:
             raise
         where = f" writing {e.filename}" if e.filename else ""
         print(
