@@ -41,8 +41,6 @@ from distillery.registry import (
     Weight,
 )
 
-PosInt = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 # Every number has an upper bound: what a profile could ever need, with a wide margin, so that a typo (1e12 kimg, a
@@ -69,12 +67,12 @@ FewStepName = Literal[tuple(name for name, m in METHODS.items() if issubclass(m.
 
 
 class Section(BaseModel):
-    # no inf or nan anywhere: `.inf` kimg or a nan rate would pass every `gt` bound and fail only while running
+    # no inf or nan anywhere, whatever a field's bounds (inf passes `gt=0`): they would fail only while running
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-PathText = Annotated[str, Field(min_length=1)]
+PathText = Annotated[str, Field(pattern=r"^[^\x00]+$")]  # a file name the OS takes: not empty, no NUL
 
 
 def absolute(value):
@@ -83,7 +81,7 @@ def absolute(value):
     return value
 
 
-DataRoot = Annotated[str, AfterValidator(absolute)]
+DataRoot = Annotated[PathText, AfterValidator(absolute)]
 
 
 class Download(Section):
@@ -529,7 +527,9 @@ class ParamsError(Exception):
 
 
 def invalid(source, lines):
-    """The one error of a refused params file: a header, then one line per problem naming its dotted key."""
+    """The one error of a refused params file: a header, then one line per problem naming its dotted key (a
+    character of a value that would break or hide the line, a control character, is shown escaped)."""
+    lines = ["".join(c if c.isprintable() else repr(c)[1:-1] for c in line) for line in lines]
     return ParamsError("\n".join([f"{source}: invalid parameters", *lines]))
 
 
@@ -656,16 +656,18 @@ def path_problems(params, root):
     return lines
 
 
-def pair_problems(params):
-    """Lines for preference pairs that name no sample set dvc.yaml builds (samples/teacher.npz, samples/<run>.npz)."""
-    names = ["teacher", *(run.name for run in params.runs())]
+def pair_problems(params, root):
+    """Lines for preference pairs that name a sample set no stage makes (the teacher's, each run's) and that is not
+    in `samples_dir` either (the samples of a run the study no longer has stay usable while they are there)."""
+    made = ["teacher", *(run.name for run in params.runs())]
+    samples = Path(params.preference.samples_dir)
     return [
-        f"  preference.pairs.{i}.{side}: {getattr(pair, side)!r} names no sample set the DAG makes: the teacher's or "
-        f"a run's of study.methods × study.lrs or fewstep.methods × fewstep.lrs × fewstep.steps × fewstep.variants "
-        f"(each method's own lrs from per_method): {', '.join(names)}"
+        f"  preference.pairs.{i}.{side}: {name!r} names no sample set the DAG makes: the teacher's or a run's of "
+        f"study.methods × study.lrs or fewstep.methods × fewstep.lrs × fewstep.steps × fewstep.variants (each "
+        f"method's own lrs from per_method): {', '.join(made)}; nor is {samples / name}.npz there"
         for i, pair in enumerate(params.preference.pairs)
-        for side in ("a", "b")
-        if getattr(pair, side) not in names
+        for side, name in (("a", pair.a), ("b", pair.b))
+        if name not in made and not (Path(root) / samples / f"{name}.npz").is_file()
     ]
 
 
@@ -683,7 +685,7 @@ def plain_numbers(node, path=()):
 def load_params(path: str | Path = "params.yaml") -> Params:
     """A whole params file, as every stage and command reads it: each section a stage reads written out, valid under
     the schema, every path inside the repository (the working directory) or a data root, every preference pair a
-    pair of sample sets the DAG builds.
+    pair of sample sets the DAG builds or `samples_dir` holds (check_params).
 
     Read as DVC does (ruamel, YAML 1.2), so that both accept the same files and see the same types (1e-4 is a
     float): the round-trip parser DVC uses checks the syntax, the safe one gives plain values, and the node tree the
@@ -698,13 +700,20 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: cannot read parameters: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
+    return check_params(raw, str(path), written)
+
+
+def check_params(raw: dict, source: str = "params.yaml", written=None, root=None) -> Params:
+    """A whole params file as read (`raw`): its sections, the schema, then its paths and pairs against the repository
+    `root` (the working directory by default)."""
     missing = missing_sections(raw)
     if missing:
-        raise invalid(path, missing)
-    params = parse_params(raw, str(path), written)
-    problems = path_problems(params, Path.cwd()) + pair_problems(params)
+        raise invalid(source, missing)
+    params = parse_params(raw, source, written)
+    root = Path.cwd() if root is None else root
+    problems = path_problems(params, root) + pair_problems(params, root)
     if problems:
-        raise invalid(path, problems)
+        raise invalid(source, problems)
     return params
 
 

@@ -15,7 +15,7 @@ RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_leng
 Count = Annotated[int, Field(ge=0, le=100_000)]
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 # a file or folder, relative to the repository root; pipeline.params.PATHS keeps each inside the repository
-PathText = Annotated[str, Field(min_length=1)]
+PathText = Annotated[str, Field(pattern=r"^[^\x00]+$")]  # not empty, no NUL
 
 
 class _Section(BaseModel):

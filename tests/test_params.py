@@ -459,7 +459,7 @@ def test_inputs_may_lie_under_a_data_root_and_inside_the_repository(tmp_path, mo
             lambda p: p["preference"]["pairs"][0].update(b="sid-9e-9"),
             "  preference.pairs.0.b: 'sid-9e-9' names no sample set the DAG makes: the teacher's or a run's of "
             "study.methods × study.lrs or fewstep.methods × fewstep.lrs × fewstep.steps × fewstep.variants (each "
-            "method's own lrs from per_method): teacher, sid-1e-4, sid-3e-5",
+            "method's own lrs from per_method): teacher, sid-1e-4, sid-3e-5; nor is samples/sid-9e-9.npz there",
         ),
         (
             lambda p: p["evaluation"].update(num_samples=7),
@@ -481,3 +481,26 @@ def test_keys_that_must_agree_are_refused_naming_both(tmp_path, monkeypatch, edi
     monkeypatch.chdir(tmp_path)
     write_micro(tmp_path, edit)
     assert validate("params.yaml") == (2, ["params.yaml: invalid parameters", line])
+
+
+def test_a_pair_may_name_the_samples_of_a_former_run_while_they_are_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_micro(tmp_path, lambda p: p["study"].update(lrs=["2e-4", "3e-5"]))  # sid-1e-4, the pair's b, is gone
+    status, lines = validate("params.yaml")
+    assert status == 2 and lines[1].startswith("  preference.pairs.0.b: 'sid-1e-4' names no sample set")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "sid-1e-4.npz").write_bytes(b"")  # built before the lr changed
+    assert validate("params.yaml")[0] == 0
+
+
+@pytest.mark.parametrize("value", ["", "votes\0"])
+def test_a_path_no_file_system_takes_is_refused_not_a_traceback(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    write_micro(tmp_path, lambda p: p["preference"].update(votes_dir=value))
+    assert validate("params.yaml") == (
+        2,
+        [
+            "params.yaml: invalid parameters",
+            f"  preference.votes_dir: String should match pattern '^[^\\x00]+$' (got {value!r})",
+        ],
+    )
