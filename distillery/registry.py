@@ -11,10 +11,17 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PosFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
-NonNegative = Annotated[float, Field(ge=0)]
 TMax = Annotated[float, Field(gt=0, le=1000)]
+# Upper bounds, as for every number of params.yaml (pipeline/params.py): what a profile could ever need, with a wide
+# margin, so that a typo is refused before any compute. The published values are in docs/methods.md §3.
+Sigma = Annotated[float, Field(gt=0, le=1000)]  # a noise level: EDM's σ_max is 80
+LogSigmaMean = Annotated[float, Field(ge=-10, le=10)]  # ln σ: e^±10 spans σ from 5e-5 to 2e4 (EDM: −1.2)
+LogSigmaStd = Annotated[float, Field(gt=0, le=10)]  # EDM: 1.2
+Scale = Annotated[float, Field(gt=0, le=1e6)]  # a loss or lr factor: SiD's loss_scale_g is 100
+Weight = Annotated[float, Field(ge=0, le=1e6)]  # a loss weight or mixture weight (DMD2: 3e-3, 1e-2)
+Steps = Annotated[int, Field(ge=1, le=1000)]  # sampling or rollout steps: EDM's samplers take 18–256
+Channels = Annotated[int, Field(gt=0, le=4096)]  # the projected discriminator's widths: 64
 
 # the projected discriminator's feature networks (distillery.discriminators.BACKBONES)
 BACKBONES = ("vgg16_bn", "efficientnet_b0", "tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
@@ -32,19 +39,19 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no inf or nan, as every section of params
 
 
 class SiDSettings(Settings):
     """docs/methods.md §3.1."""
 
-    alpha: float = 1.2
-    sigma_init: PosFloat = 2.5
+    alpha: Annotated[float, Field(ge=-10, le=10)] = 1.2  # SiD: 1.0 and 1.2
+    sigma_init: Sigma = 2.5
     t_max: TMax = 800
-    sigma_data: PosFloat = 0.5
-    P_mean: float = -1.2
-    P_std: PosFloat = 1.2
-    loss_scale_g: PosFloat = 100
+    sigma_data: Sigma = 0.5
+    P_mean: LogSigmaMean = -1.2
+    P_std: LogSigmaStd = 1.2
+    loss_scale_g: Scale = 100
     augment_p: Probability = 0.0  # EDM's augmentation of the fake-score loss (needs augment_dim 9)
 
 
@@ -52,15 +59,15 @@ class SIMSettings(Settings):
     """docs/methods.md §3.2. c and the time weighting w(σ) = σ^weight_power are not published for CIFAR-10:
     c = 0.4 puts the pseudo-Huber switch near σ ≈ 1 on the 8×8 toy (see distillery/methods/sim.py)."""
 
-    sigma_init: PosFloat = 2.5
-    c: Annotated[float, Field(ge=0)] = 0.4
+    sigma_init: Sigma = 2.5
+    c: Annotated[float, Field(ge=0, le=1000)] = 0.4  # SIM: 2.8 at 32×32 and 64×64
     t_max: TMax = 800
     distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
-    sigma_data: PosFloat = 0.5
-    P_mean: float = -1.2
-    P_std: PosFloat = 1.2
-    loss_scale_g: PosFloat = 1
-    weight_power: Annotated[float, Field(ge=0)] = 2
+    sigma_data: Sigma = 0.5
+    P_mean: LogSigmaMean = -1.2
+    P_std: LogSigmaStd = 1.2
+    loss_scale_g: Scale = 1
+    weight_power: Annotated[float, Field(ge=0, le=10)] = 2  # σ^10 already spans 50 decades over EDM's σ range
     augment_p: Probability = 0.0
 
     @model_validator(mode="after")
@@ -74,11 +81,11 @@ class SIMSettings(Settings):
 class DiffInstructSettings(Settings):
     """docs/methods.md §3.4 (σ_init = 1.0 as in the reference CIFAR-10 command)."""
 
-    sigma_init: PosFloat = 1.0
-    sigma_data: PosFloat = 0.5
-    P_mean: float = -1.2
-    P_std: PosFloat = 1.2
-    loss_scale_g: PosFloat = 1
+    sigma_init: Sigma = 1.0
+    sigma_data: Sigma = 0.5
+    P_mean: LogSigmaMean = -1.2
+    P_std: LogSigmaStd = 1.2
+    loss_scale_g: Scale = 1
     augment_p: Probability = 0.0
 
 
@@ -90,26 +97,26 @@ class GDDSettings(Settings):
     # projected: GDD's CIFAR-10 pair; at 64×64 GDD uses [deit_base_distilled_patch16_224, tf_efficientnet_lite0]
     backbones: list[Literal[BACKBONES]] = Field(default=["vgg16_bn", "tf_efficientnet_lite0"], min_length=1)
     backbone_weights: Literal["DEFAULT"] | None = "DEFAULT"  # None: random backbones (timing, tests)
-    resolution: Annotated[int, Field(gt=0)] = 224  # the projected discriminator's input size
-    proj_channels: Annotated[int, Field(gt=0)] = 64
-    head_channels: Annotated[int, Field(gt=0)] = 64
-    cmap_dim: Annotated[int, Field(gt=0)] = 64
-    sigma_init: PosFloat = 80
-    r1_gamma: Annotated[float, Field(ge=0)] = 1e-4
-    r1_interval: Annotated[int, Field(gt=0)] = 16
-    d_lr_scale: PosFloat = 1.0  # D lr / G lr before the lazy-regularisation correction
-    encoder_sigma: PosFloat = 0.2
+    resolution: Annotated[int, Field(gt=0, le=1024)] = 224  # the projected discriminator's input size
+    proj_channels: Channels = 64
+    head_channels: Channels = 64
+    cmap_dim: Channels = 64
+    sigma_init: Sigma = 80
+    r1_gamma: Weight = 1e-4
+    r1_interval: Annotated[int, Field(gt=0, le=10000)] = 16  # an R1 step every 16 iterations
+    d_lr_scale: Scale = 1.0  # D lr / G lr before the lazy-regularisation correction
+    encoder_sigma: Sigma = 0.2
 
 
 class FewStepSettings(Settings):
     """What every K-step student has (docs/methods.md §3.8, §3.6); in the `fewstep` study `steps`, `ddil` and
     `reflect` come from the run (its K and variant)."""
 
-    steps: Annotated[int, Field(ge=1)] = 1  # K: the student's sampling steps
+    steps: Steps = 1  # K: the student's sampling steps
     # DDIL: the training states' mixture ∝ (β_data, β_teacher, β_student); None: the method's own states only
-    ddil: tuple[NonNegative, NonNegative, NonNegative] | None = None
+    ddil: tuple[Weight, Weight, Weight] | None = None
     reflect: bool = False  # clip the x̂ of rollouts and sampling to the data range [-1, 1]
-    rollout_steps: Annotated[int, Field(ge=1)] = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)
+    rollout_steps: Steps = 8  # Heun steps of the teacher's rollouts (DDIL's teacher states)
 
     @model_validator(mode="after")
     def ddil_has_weight(self):
@@ -121,39 +128,42 @@ class FewStepSettings(Settings):
 class DMD2Settings(FewStepSettings):
     """docs/methods.md §3.5 (tianweiy/DMD2, EDM ImageNet-64 setting)."""
 
-    sigma_init: PosFloat = 80.0  # DMD2's conditioning_sigma: G(80·z; 80)
-    sigma_data: PosFloat = 0.5
-    num_train_timesteps: Annotated[int, Field(gt=1)] = 1000  # the Karras grid both losses draw σ from
+    sigma_init: Sigma = 80.0  # DMD2's conditioning_sigma: G(80·z; 80)
+    sigma_data: Sigma = 0.5
+    # the Karras grid both losses draw σ from (DMD2: 1000)
+    num_train_timesteps: Annotated[int, Field(gt=1, le=100_000)] = 1000
     min_step_percent: Annotated[float, Field(ge=0, lt=1)] = 0.02  # the distribution-matching loss's σ range
     max_step_percent: Annotated[float, Field(gt=0, le=1)] = 0.98
-    fake_updates: Annotated[int, Field(ge=1)] = 5  # fake-score updates per generator update (dfake_gen_update_ratio)
+    # fake-score updates per generator update (dfake_gen_update_ratio; DMD2: 5)
+    fake_updates: Annotated[int, Field(ge=1, le=1000)] = 5
     # the GAN classifier on the fake score's bottleneck against real data (DMD2's ImageNet-64 run; off: its ablation)
     gan: bool = False
-    gan_weight_g: Annotated[float, Field(ge=0)] = 3e-3  # gen_cls_loss_weight
-    gan_weight_d: Annotated[float, Field(ge=0)] = 1e-2  # cls_loss_weight
+    gan_weight_g: Weight = 3e-3  # gen_cls_loss_weight
+    gan_weight_d: Weight = 1e-2  # cls_loss_weight
     gan_max_step_percent: Annotated[float, Field(gt=0, le=1)] = 1.0  # diffusion GAN: σ index uniform below this
 
 
 class CDSettings(FewStepSettings):
     """docs/methods.md §3.9 (Song et al. 2023, CIFAR-10: N = 18 levels, EMA target μ = 0.95)."""
 
-    sigma_min: PosFloat = 0.002
-    sigma_max: PosFloat = 80.0
-    sigma_data: PosFloat = 0.5
-    rho: PosFloat = 7.0
-    num_levels: Annotated[int, Field(ge=2)] = 18  # the discretisation σ_1 < … < σ_N of the teacher's ODE
+    sigma_min: Sigma = 0.002
+    sigma_max: Sigma = 80.0
+    sigma_data: Sigma = 0.5
+    rho: Annotated[float, Field(gt=0, le=100)] = 7.0  # EDM's schedule: 7
+    # the discretisation σ_1 < … < σ_N of the teacher's ODE (CM: 18; iCT grows it to 1281)
+    num_levels: Annotated[int, Field(ge=2, le=100_000)] = 18
     distance: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: PosFloat | None = None  # None: 0.00054·√d (iCT)
+    huber_c: Annotated[float, Field(gt=0, le=1000)] | None = None  # None: 0.00054·√d (iCT)
     target_ema: Annotated[float, Field(ge=0, lt=1)] = 0.95
 
 
 class PDSettings(FewStepSettings):
     """docs/methods.md §3.10: rounds from `teacher_steps` DDIM steps down to `steps`, `round_kimg` each."""
 
-    teacher_steps: Annotated[int, Field(ge=2)] = 16
-    round_kimg: PosFloat = 10
-    sigma_data: PosFloat = 0.5
-    sigma_init: PosFloat = 80.0  # σ_max of the Karras grids
+    teacher_steps: Annotated[int, Field(ge=2, le=65536)] = 16  # PD starts from 1024 (ImageNet) or 8192 (CIFAR-10)
+    round_kimg: Annotated[float, Field(gt=0, le=1e7)] = 10  # params.py's KIMG_MAX: 10 G images
+    sigma_data: Sigma = 0.5
+    sigma_init: Sigma = 80.0  # σ_max of the Karras grids
 
     @model_validator(mode="after")
     def halving_reaches_steps(self):

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import ParamsError, invalid, load_params
 from pipeline.repo_lock import Held, repository_lock
 from pipeline.runs_file import sync as sync_runs_file
 
@@ -20,9 +20,12 @@ def cmd_validate(args):
 
         missing = missing_keys(dvc_yaml.read_text(), YAML(typ="safe", pure=True).load(Path(args.params).read_text()))
         if missing:
-            raise ParamsError(
-                f"{args.params}: dvc repro needs these keys, which the file does not hold: {', '.join(missing)} "
-                f"(write each section out, even with its default values)"
+            raise invalid(
+                args.params,
+                [
+                    f"  {key}: missing: dvc.yaml's stages read it (write it out, even with its default value)"
+                    for key in missing
+                ],
             )
     runs = ", ".join(run.name for run in params.runs())
     print(f"{args.params}: valid (profile {params.profile}; runs: {runs})")

@@ -11,11 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # a run name becomes a file name (samples/<name>.npz) and part of a folder name
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# counts of items and raters: a study of 10⁵ items is far beyond what people rate (profiles: 6 to 200)
+Count = Annotated[int, Field(ge=0, le=100_000)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# a file or folder, relative to the repository root; pipeline.params.PATHS keeps each inside the repository
+PathText = Annotated[str, Field(pattern=r"^[^\x00]+$")]  # not empty, no NUL
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no inf or nan, as every section of params
 
 
 class PreferencePair(_Section):
@@ -35,21 +39,23 @@ class PreferencePair(_Section):
 
 
 class PreferenceParams(_Section):
-    items: Annotated[int, Field(gt=0)] = 40  # compared seeds per pair
-    attention_checks: NonNegInt = 4  # identical pairs and broken images, mixed in
-    seed: NonNegInt = 0  # item choice, order, sides and opaque IDs
+    items: Annotated[int, Field(gt=0, le=100_000)] = 40  # compared seeds per pair
+    attention_checks: Count = 4  # identical pairs and broken images, mixed in
+    seed: Seed = 0  # item choice, order, sides and opaque IDs
     pairs: list[PreferencePair] = Field(default_factory=lambda: [PreferencePair()], min_length=1)
     question: Annotated[str, Field(min_length=1, max_length=500)] = "Which image looks more like a handwritten digit?"
     label_names: list[str] = []  # class index → text shown as the item's prompt
     image_px: Annotated[int, Field(ge=16, le=1024)] = 160  # on-screen size; pixels are upscaled, never smoothed
-    samples_dir: str = "samples"  # <samples_dir>/<run>.npz: images, seeds[, labels]
-    output_dir: str = "preference"  # <output_dir>/<a>-vs-<b>/{study/, key.json}
-    votes_dir: str = "votes/preference"  # returned vote files, any of the three formats
-    max_failed_checks: NonNegInt = 0  # a rater with more wrong attention checks is dropped
+    samples_dir: PathText = "samples"  # <samples_dir>/<run>.npz: images, seeds[, labels]
+    output_dir: PathText = "preference"  # <output_dir>/<a>-vs-<b>/{study/, key.json}
+    votes_dir: PathText = "votes/preference"  # returned vote files, any of the three formats
+    max_failed_checks: Count = 0  # a rater with more wrong attention checks is dropped
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    bootstrap: Annotated[int, Field(ge=100)] = 2000  # Bradley–Terry resamples
+    # Bradley–Terry resamples: 2000 gives stable 95 % intervals; 10⁶ would take hours
+    bootstrap: Annotated[int, Field(ge=100, le=1_000_000)] = 2000
     bootstrap_unit: Literal["rater", "item"] = "rater"  # votes of one rater (or item) are resampled together
-    bradley_terry_prior: Annotated[float, Field(gt=0)] = 1.0  # virtual ties per compared pair: finite scores
+    # virtual ties per compared pair: finite scores (beyond 10⁶ the ties would drown every vote)
+    bradley_terry_prior: Annotated[float, Field(gt=0, le=1e6)] = 1.0
 
     @field_validator("pairs")
     @classmethod

@@ -52,7 +52,8 @@ def test_per_method_lrs_give_exactly_their_stages_in_dvc(tmp_path):
 def test_a_stage_refuses_a_stale_runs_file_before_any_compute(tmp_path):
     project = new_project(tmp_path / "project")
     params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace('lrs: ["1e-4", "3e-5"]', 'lrs: ["2e-4", "3e-5"]'))
+    params = params.replace('lrs: ["1e-4", "3e-5"]', 'lrs: ["2e-4", "3e-5"]').replace("b: sid-1e-4", "b: sid-2e-4")
+    (project / "params.yaml").write_text(params)
     result = sh([sys.executable, "-m", "stages.data"], project, check=False)
     assert result.returncode == 2
     assert "runs.yaml is stale (lacks sid-2e-4; still lists sid-1e-4)" in result.stderr

@@ -5,12 +5,18 @@ import shutil
 import sqlite3
 import sys
 
+import yaml
+
 from conftest import ROOT, dump_params, sh
 
 
 def stage(tmp_path, module, *args, params=None):
-    """Run `python -m stages.<module>` in a fresh directory holding only params.yaml."""
-    dump_params(tmp_path / "params.yaml", params or {})
+    """Run `python -m stages.<module>` in a fresh directory holding only params.yaml: the micro profile with the
+    sections of `params` updated."""
+    raw = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
+    for section, values in (params or {}).items():
+        raw[section].update(values)
+    dump_params(tmp_path / "params.yaml", raw)
     return sh(
         [sys.executable, "-m", f"stages.{module}", *args], tmp_path, check=False, extra_env={"PYTHONPATH": str(ROOT)}
     )
@@ -31,7 +37,10 @@ def test_invalid_params_exit_2_before_any_run(tmp_path):
 
 
 def test_a_run_params_yaml_does_not_define_exits_2_naming_the_runs(tmp_path):
-    result = stage(tmp_path, "evaluate", "--run", "sid-9", params={"study": {"lrs": ["0.5"]}})
+    pairs = [{"a": "teacher", "b": "sid-0.5"}]
+    result = stage(
+        tmp_path, "evaluate", "--run", "sid-9", params={"study": {"lrs": ["0.5"]}, "preference": {"pairs": pairs}}
+    )
     assert result.returncode == 2
     assert "sid-9 is not a run" in result.stderr and "sid-0.5" in result.stderr
     assert runs(tmp_path) == []
