@@ -62,7 +62,7 @@ Rate = Annotated[float, Field(gt=0, le=LR_MAX)]
 Samples = Annotated[int, Field(ge=2, le=SAMPLES_MAX)]  # FID's covariance and KID's pairs need two samples
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 Keep = Annotated[int, Field(ge=1, le=100)]  # checkpoints on disk: each is a full training state
-Steps = Annotated[int, Field(ge=0, le=int(KIMG_MAX * 1000))]  # a count of training steps: at most one per image
+Steps = Annotated[int, Field(ge=0, le=10**7)]  # a count of training steps: 10⁷ steps of batch 1000 are 10 Gimg
 
 MethodName = Literal[tuple(METHODS)]
 FewStepName = Literal[tuple(name for name, m in METHODS.items() if issubclass(m.settings, FewStepSettings))]

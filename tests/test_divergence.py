@@ -281,7 +281,7 @@ def test_a_diverged_teacher_fails_its_stage_naming_the_step_and_the_loss(in_proj
     (measured / "data").mkdir(exist_ok=True)
     save_dataset(measured / "data" / "dataset.npz", images[:256], labels[:256], 10)
     raw = yaml.safe_load((ROOT / "profiles" / "micro.yaml").read_text())
-    raw["teacher"].update(lr=1e6, lr_rampup_kimg=0, duration_kimg=0.64, nonfinite_limit=1)
+    raw["teacher"].update(lr=1e4, lr_rampup_kimg=0, duration_kimg=0.64, nonfinite_limit=1)
     before = (measured / "models" / "teacher" / "network.safetensors").read_bytes()
     with pytest.raises(StageFailed, match=r"the teacher diverged at (\S+) kimg \(loss\): 2 steps .* the first at "):
         teacher_stage.run(parse_params(raw), None, Silent())
