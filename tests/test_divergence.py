@@ -372,7 +372,7 @@ def test_rows_without_scores_render_as_dashes_and_the_status_key_is_written():
     shown = ["`diverged at <kimg> kimg (<loss>)`", "`diverged at <kimg> kimg (non-finite images)`", "`unmoved`", "`ok`"]
     shown.append("`—`")
     assert all(status in key for status in [*shown, "`unstable (<n> non-finite steps)`"])
-    assert "`distill.nonfinite_limit` (10)" in key and "`diverged at <kimg> kimg (FID > 3× best)`" in key
+    assert "`distill.nonfinite_limit` (2)" in key and "`diverged at <kimg> kimg (FID > 3× best)`" in key
 
 
 def test_metric_files_are_strict_json(tmp_path):
