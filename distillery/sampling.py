@@ -22,18 +22,29 @@ def one_step(generator, sigma_init):
     )
 
 
+# The data lie in [-1, 1] and a working denoiser's output barely leaves it; a net trained at a blow-up rate gives
+# finite values in the hundreds or thousands, which uint8 conversion would clip into images that still get a score.
+BLOWN_UP = 10.0
+
+
+def blown_up_rows(x):
+    """Per image: NaN/Inf anywhere, or a value beyond ±BLOWN_UP."""
+    flat = x.flatten(1)
+    return ~flat.isfinite().all(1) | (flat.abs() > BLOWN_UP).any(1)
+
+
 class SampleSet(NamedTuple):
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor | None  # class indices, or None when unconditional
     seconds: float  # pure sampling time, for images/s
-    nonfinite: int  # images with NaN/Inf values before the uint8 conversion (a diverged net)
+    blown_up: int  # images of a diverged net: NaN/Inf values, or values beyond ±BLOWN_UP, before the uint8 conversion
 
 
 @torch.no_grad()
 def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    images, labels, seconds, nonfinite = [], [], 0.0, 0
+    images, labels, seconds, blown_up = [], [], 0.0, 0
     for start in range(0, len(seeds), batch):
         latents, c, rnd = seeded_draws(seeds[start : start + batch], shape, label_dim, device)
         sync()
@@ -41,11 +52,11 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
         x = sampler(latents, c, lambda k, like, rnd=rnd: rnd.randn_like(like))  # a K-step sampler's noise, per seed
         sync()
         seconds += time.perf_counter() - t0
-        nonfinite += int((~x.flatten(1).isfinite().all(1)).sum())
+        blown_up += int(blown_up_rows(x).sum())
         images.append(to_uint8(x).cpu())
         if c is not None:
             labels.append(c.argmax(dim=1).cpu())
-    return SampleSet(torch.cat(images), torch.cat(labels) if labels else None, seconds, nonfinite)
+    return SampleSet(torch.cat(images), torch.cat(labels) if labels else None, seconds, blown_up)
 
 
 def image_grid(images_uint8, rows, pad=1):

@@ -78,18 +78,19 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None, score=Tr
     """Metrics of a sampler under the profile's protocol: FID aggregated over the seed blocks; IS, KID, rel-FID
     and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics).
 
-    Images with NaN/Inf values are counted over all blocks (`nonfinite_images`). A set with any of them is not
-    scored, nor is any set when `score` is False (a diverged run): its FID, IS, KID, precision, recall and
-    rel-FID are None, and so are the statistics; uint8 conversion would turn NaN into pixels that score."""
+    Blown-up images (NaN/Inf, or values far outside the data range: distillery.sampling.BLOWN_UP) are counted
+    over all blocks (`blown_up_images`). A set with any of them is not scored, nor is any set when `score` is False
+    (a diverged run): its FID, IS, KID, precision, recall and rel-FID are None, and so are the statistics; uint8
+    conversion would turn such values into pixels that score."""
     e = params.evaluation
     if score:
         features = feature_net()
         ref_stats, ref_features = reference(features)
-    fids, first, metrics, stats, nonfinite = [], None, None, None, 0
+    fids, first, metrics, stats, blown_up = [], None, None, None, 0
     for seeds in seed_blocks(params):
         samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
-        nonfinite += samples.nonfinite
-        if not score or nonfinite:
+        blown_up += samples.blown_up
+        if not score or blown_up:
             first = first or samples
             continue  # sampled all the same: the count covers every block
         if first is None:
@@ -108,11 +109,11 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None, score=Tr
             fids.append(metrics["fid"])
         else:
             fids.append(fid_only(samples.images, features, ref_stats, batch_size=e.batch))
-    if score and not nonfinite:
+    if score and not blown_up:
         metrics.update(aggregate_fids(fids, e.fid_aggregate))
     else:
         metrics, stats = unscored(len(first.images), teacher_stats is not None), None
-    metrics.update(images_per_s=len(first.images) / first.seconds, nonfinite_images=nonfinite)
+    metrics.update(images_per_s=len(first.images) / first.seconds, blown_up_images=blown_up)
     return metrics, first, stats
 
 

@@ -71,7 +71,7 @@ def fid_monitor(params, method, teacher, dev):
         samples = generate(
             method.sampler(ema), seeds, shape, teacher.label_dim, batch=params.evaluation.batch, device=dev
         )
-        if samples.nonfinite:
+        if samples.blown_up:
             return float("inf")  # a blown-up generator: never "best"; null in the metrics, an empty cell in the curve
         feats = extract_features(samples.images, features, batch_size=params.evaluation.batch)
         return fid_from_statistics(fid_statistics(feats[features.fid_key]), ref_stats)
@@ -102,7 +102,7 @@ def bit_equal(net, state):
 
 
 def finite(value):
-    """A monitor value as the metrics hold it: None unless finite (a generator that made non-finite samples)."""
+    """A monitor value as the metrics hold it: None unless finite (a generator that made blown-up samples)."""
     return value if math.isfinite(value) else None
 
 
@@ -141,7 +141,7 @@ def write_outputs(o):
     summary = {
         **meta,
         "final_monitor_fid": finite(r.history[-1][1]) if r.history else None,
-        "monitor_nonfinite": not all(math.isfinite(v) for _, v in r.history),  # a monitor sample set had NaN/Inf
+        "monitor_blown_up": not all(math.isfinite(v) for _, v in r.history),  # a monitor sample set was blown up
         "monitor_fids": [[k, finite(v)] for k, v in r.history],  # [kimg, FID or null]: when a run went wrong
         "nonfinite_steps": r.nonfinite_steps,
         "diverged_first_kimg": stop.first_kimg if stop else None,

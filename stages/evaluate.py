@@ -1,8 +1,9 @@
 """Stage `evaluate@<run>` (and `evaluate_fewstep@<run>`): FID, IS, KID, precision, recall, rel-FID, NFE and
 images/s of a distilled generator.
 
-A generator that makes any non-finite image, and every generator of a run that diverged, is not scored: its
-metrics are null and `not_scored` says why (the samples and grid are still written)."""
+A generator that makes any blown-up image (NaN/Inf, or values far outside the data range), and every generator of
+a run that diverged, is not scored: its metrics are null and `not_scored` says why (the samples and grid are still
+written)."""
 
 import torch
 
@@ -13,6 +14,7 @@ from pipeline.runtime import device
 from distillery.checkpoint import load_config, load_network
 from distillery.data import load_dataset
 from distillery.metrics import load_stats_npz
+from distillery.sampling import BLOWN_UP
 from distillery.shift import covariate_shift
 
 from stages.common import (
@@ -56,9 +58,10 @@ def run(params, args, run):
             teacher_stats=teacher_stats,
             score=not meta["diverged"],
         )
-        if results[checkpoint]["nonfinite_images"]:
-            n, total = results[checkpoint]["nonfinite_images"], len(seeds) * e.fid_trials
-            not_scored.append(f"{n} of {total} images of the {checkpoint} checkpoint are non-finite")
+        if results[checkpoint]["blown_up_images"]:
+            n, total = results[checkpoint]["blown_up_images"], len(seeds) * e.fid_trials
+            blown = f"blown up (NaN/Inf or beyond ±{BLOWN_UP:g})"
+            not_scored.append(f"{n} of {total} images of the {checkpoint} checkpoint are {blown}")
         if checkpoint == "best":
             save_samples(student_samples(name), samples.images, seeds, samples.labels)
             save_grid(GRIDS / f"{name}.png", samples.images, e.grid_size)
@@ -97,7 +100,7 @@ def run(params, args, run):
         "fid_last": results["last"]["fid"],
         "fid_last_std": results["last"]["fid_std"],
         "rel_fid_last": results["last"]["rel_fid"],
-        "nonfinite_images_last": results["last"]["nonfinite_images"],
+        "blown_up_images_last": results["last"]["blown_up_images"],
         "not_scored": "; ".join(not_scored) or None,
         "protocol": protocol(params, feature_net()),
         "covariate_shift": shift,

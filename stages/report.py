@@ -92,12 +92,12 @@ def status(train, evaluation, factor):
         return f"diverged at {train['diverged_kimg']:g} kimg ({train['diverged_loss']})"
     history = train["monitor_fids"]
     bad = [kimg for kimg, value in history if value is None]
-    if evaluation.get("nonfinite_images"):  # the evaluated best checkpoint (the last one when none was best)
+    if evaluation.get("blown_up_images"):  # the evaluated best checkpoint (the last one when none was best)
         bad.append(train["best_kimg"] if train["best_kimg"] is not None else train["kimg"])
-    if evaluation.get("nonfinite_images_last"):
+    if evaluation.get("blown_up_images_last"):
         bad.append(train["kimg"])
     if bad:
-        return f"diverged at {min(bad):g} kimg (non-finite images)"
+        return f"diverged at {min(bad):g} kimg (blown-up images)"
     if train["unmoved"]:
         return "unmoved"
     best, final = train["best_monitor_fid"], train["final_monitor_fid"]
@@ -118,8 +118,9 @@ def status_text(params):
         f"- `diverged at <kimg> kimg (<loss>)`: more than `distill.nonfinite_limit` ({limit}) training steps had a "
         "NaN/Inf loss or gradient, so the run stopped at that point; `<loss>` went non-finite first (`loss_g` the "
         "generator's, `loss_aux` the fake score's or discriminator's, `loss_reg` GDD's R1). The run is not scored.",
-        "- `diverged at <kimg> kimg (non-finite images)`: the monitoring sample set at that point, or an evaluated "
-        "checkpoint of it, held NaN/Inf images. A checkpoint with any is not scored.",
+        "- `diverged at <kimg> kimg (blown-up images)`: the monitoring sample set at that point, or an evaluated "
+        "checkpoint of it, held images with NaN/Inf values or values far outside the data range (docs/methods.md). "
+        "A checkpoint with any is not scored.",
         "- `unmoved`: a saved generator is bit for bit the teacher copy it started from (every update was zeroed), "
         "so its scores are the teacher's as a one-step sampler.",
         f"- `diverged at <kimg> kimg (FID > {factor:g}× best)`: the final monitoring FID ran away from the best one; "

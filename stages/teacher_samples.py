@@ -20,9 +20,10 @@ def run(params, args, run):
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     nfe = 2 * e.teacher_steps - 1
     info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
-    if stats is None:  # measure scores no set with NaN/Inf images
+    if stats is None:  # measure scores no set with blown-up images
         raise StageFailed(
-            f"{info['nonfinite_images']} of the teacher's samples are non-finite: nothing to compare with"
+            f"{info['blown_up_images']} of the teacher's samples are blown up (NaN/Inf or far outside the data range): "
+            "nothing to compare with"
         )
     seeds = seed_blocks(params)[0]
     info.update(

@@ -311,7 +311,7 @@ def test_a_generator_that_never_moved_is_flagged_unmoved(measured, monkeypatch):
     assert write_outputs(outcome("sid-1e-4", DistillResult(moved, best, [(0.016, 5.0)]), initial))["unmoved"]
     best = {**best, "ema": moved.state_dict()}
     summary = write_outputs(outcome("sid-1e-4", DistillResult(moved, best, [(0.016, 5.0), (0.032, math.inf)]), initial))
-    assert not summary["unmoved"] and summary["monitor_nonfinite"] and summary["final_monitor_fid"] is None
+    assert not summary["unmoved"] and summary["monitor_blown_up"] and summary["final_monitor_fid"] is None
     assert strict_json(measured / "metrics" / "distill" / "sid-1e-4.json") == summary
     assert (measured / "plots" / "fid" / "sid-1e-4.csv").read_text().splitlines()[1:] == [
         "0.016,5,sid,1e-4",
@@ -330,7 +330,7 @@ def test_measure_never_scores_a_set_with_non_finite_images(measured, monkeypatch
 
     shape, stats = [1, 8, 8], {"teacher_stats": None}
     scored, _, _ = measure(clamped, shape, 0, params, "cpu", **stats)
-    assert scored["nonfinite_images"] == 0 and scored["fid"] > 0 and len(scored["fid_trials"]) == 2
+    assert scored["blown_up_images"] == 0 and scored["fid"] > 0 and len(scored["fid_trials"]) == 2
     assert scored["precision"] is not None and scored["is"] > 0
 
     def one_nan_in_the_second_block(latents, labels, noise=None):
@@ -342,13 +342,13 @@ def test_measure_never_scores_a_set_with_non_finite_images(measured, monkeypatch
 
     one_nan_in_the_second_block.calls = 0
     unscored, first, fid_stats = measure(one_nan_in_the_second_block, shape, 0, params, "cpu", **stats)
-    assert unscored["nonfinite_images"] == 1 and fid_stats is None and unscored["fid_trials"] == []
+    assert unscored["blown_up_images"] == 1 and fid_stats is None and unscored["fid_trials"] == []
     assert [unscored[k] for k in ("fid", "fid_std", "is", "kid", "precision", "recall")] == [None] * 6
     assert len(first.images) == 200  # the samples and grid are still written from the first block
     # a diverged run: sampled (its samples and grid are outputs) but never scored, NaN or not
     teacher_stats = load_stats_npz(measured / "stats" / "teacher.npz")
     skipped, _, _ = measure(clamped, shape, 0, params, "cpu", teacher_stats=teacher_stats, score=False)
-    assert skipped["fid"] is None and skipped["rel_fid"] is None and skipped["nonfinite_images"] == 0
+    assert skipped["fid"] is None and skipped["rel_fid"] is None and skipped["blown_up_images"] == 0
 
 
 # --- The report and the metric files --------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_rows_without_scores_render_as_dashes_and_the_status_key_is_written():
     cells = [c.strip() for c in lines[4].split("|")]
     assert cells[cells.index("1e3") + 3 : cells.index("1e3") + 5] == ["—", "—"]  # FID, IS
     key = "\n".join(status_text(micro_params()))
-    shown = ["`diverged at <kimg> kimg (<loss>)`", "`diverged at <kimg> kimg (non-finite images)`", "`unmoved`", "`ok`"]
+    shown = ["`diverged at <kimg> kimg (<loss>)`", "`diverged at <kimg> kimg (blown-up images)`", "`unmoved`", "`ok`"]
     shown.append("`—`")
     assert all(status in key for status in [*shown, "`unstable (<n> non-finite steps)`"])
     assert "`distill.nonfinite_limit` (2)" in key and "`diverged at <kimg> kimg (FID > 3× best)`" in key
@@ -393,3 +393,14 @@ def test_the_figures_draw_a_study_whose_runs_were_all_left_unscored(tmp_path):
     unscored = dict(method="cd", lr="1e-4", variant="plain", FID=None, precision=None, recall=None)
     fewstep_figure(pd.DataFrame([{**unscored, "K": 1}, {**unscored, "K": 2}]), "micro", tmp_path / "fewstep.png")
     assert (tmp_path / "lr.png").stat().st_size and (tmp_path / "fewstep.png").stat().st_size
+
+
+def test_finite_images_far_outside_the_data_range_count_as_blown_up():
+    from distillery.sampling import BLOWN_UP, generate
+
+    def scaled(factor):
+        return lambda latents, labels, noise: (latents * factor).clamp(-2 * BLOWN_UP, 2 * BLOWN_UP)
+
+    shape = [1, 8, 8]
+    assert generate(scaled(0.1), range(20), shape).blown_up == 0  # within the data range: scored as usual
+    assert generate(scaled(1e3), range(20), shape).blown_up == 20  # finite, in the thousands: a blown-up net

@@ -9,7 +9,7 @@ TRAIN = {
     "diverged": False,
     "diverged_kimg": None,
     "diverged_loss": None,
-    "monitor_nonfinite": False,
+    "monitor_blown_up": False,
     "unmoved": False,
     "nonfinite_steps": 0,
     "final_monitor_fid": 10.0,
@@ -21,7 +21,7 @@ TRAIN = {
 
 
 def of(evaluation=None, **train):
-    return status({**TRAIN, **train}, {"nonfinite_images": 0, **(evaluation or {})}, factor=3.0)
+    return status({**TRAIN, **train}, {"blown_up_images": 0, **(evaluation or {})}, factor=3.0)
 
 
 def test_a_healthy_run_is_ok():
@@ -34,9 +34,9 @@ def test_a_run_stopped_by_non_finite_steps_shows_where_and_which_loss():
 
 def test_non_finite_samples_mark_a_run_diverged_where_they_appeared():
     nan_at_256 = [[0.128, 8.0], [0.256, None], [0.384, None], [0.512, None]]
-    assert of(monitor_nonfinite=True, monitor_fids=nan_at_256) == "diverged at 0.256 kimg (non-finite images)"
-    assert of({"nonfinite_images": 3}) == "diverged at 0.128 kimg (non-finite images)"  # the best checkpoint
-    assert of({"nonfinite_images_last": 200}) == "diverged at 0.512 kimg (non-finite images)"  # the last one
+    assert of(monitor_blown_up=True, monitor_fids=nan_at_256) == "diverged at 0.256 kimg (blown-up images)"
+    assert of({"blown_up_images": 3}) == "diverged at 0.128 kimg (blown-up images)"  # the best checkpoint
+    assert of({"blown_up_images_last": 200}) == "diverged at 0.512 kimg (blown-up images)"  # the last one
 
 
 def test_a_generator_that_never_moved_is_unmoved():
