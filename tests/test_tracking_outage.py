@@ -6,6 +6,7 @@ until the file `stop` appears (or raises at step 3), writing its step count to t
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ import urllib.request
 import pytest
 from test_cli import free_port
 
-from conftest import BIN, ROOT, dump_params, new_project
+from conftest import BIN, ROOT, new_project
 
 pytestmark = pytest.mark.faults  # real servers started and crashed: make test-faults
 
@@ -139,13 +140,13 @@ def stage_env(uri, **extra):
 
 
 class Probe:
-    """The probe stage in a directory of its own (params.yaml with the defaults), as a running process."""
+    """The probe stage in a directory of its own (the micro profile as params.yaml), as a running process."""
 
     def __init__(self, folder, uri, experiment, mode="loop", retry_s=30):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         (folder / "probe.py").write_text(PROBE)
-        dump_params(folder / "params.yaml", {})
+        shutil.copy(ROOT / "profiles" / "micro.yaml", folder / "params.yaml")
         (folder / "stop").unlink(missing_ok=True)
         (folder / "steps").unlink(missing_ok=True)
         env = stage_env(uri, DISTILLERY_EXPERIMENT=experiment, PROBE_RETRY_S=str(retry_s))
