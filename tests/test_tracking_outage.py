@@ -154,6 +154,8 @@ class Probe:
             [sys.executable, "probe.py", "--mode", mode],
             cwd=folder,
             env=env,
+            # a runner started in the background (`make … &`) passes SIGINT on ignored, which a stage keeps ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
