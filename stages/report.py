@@ -209,6 +209,9 @@ def lr_robustness_figure(params, table, path):
     if log_y(ax):
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(LogFormatter(labelOnlyBase=False))  # 20, 30, 40 rather than 2×10¹ within a decade
+    if not any(pd.notna(fid) for _, fid in one_step):  # an empty axis with ticks around 0 would read as FIDs
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no run was scored: see the status column", transform=ax.transAxes, ha="center")
     ax.set_xlabel("learning rate (as written in params.yaml)")
     ax.set_ylabel("FID (best checkpoint)")
     ax.grid(True, which="both", alpha=0.3)
