@@ -58,6 +58,7 @@ def cmd_run(args):
 
 def run_flow(args):
     from pipeline.flow import StagesFailed, run
+    from pipeline.pool import PoolError
 
     try:
         states, error = (
@@ -67,9 +68,13 @@ def run_flow(args):
                 gpus_per_stage=args.gpus_per_stage,
                 max_parallel=args.max_parallel,
                 retries=args.retries,
+                pool=args.pool,
             ),
             None,
         )
+    except PoolError as e:
+        print(f"distillery run: {e}", file=sys.stderr)
+        return 2
     except StagesFailed as e:
         states, error = e.states, e
     except KeyboardInterrupt:
@@ -92,6 +97,41 @@ def run_flow(args):
         print(error, file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_worker(args):
+    """A Prefect process worker of `--pool` serving this clone: it holds the clone's repository lock, and its stage
+    flows (pipeline/worker.py) run here, on `--gpus`."""
+    import os
+    import signal
+    import subprocess
+
+    from pipeline.runtime import quiet_defaults
+    from pipeline.worker import GPUS_ENV, HEARTBEAT_S, NAME_ENV, WORKDIR_ENV
+
+    quiet_defaults()
+    root = Path.cwd().resolve()
+    gpus = parse_gpus(args.gpus)
+    limit = max(1, len(gpus) // args.gpus_per_stage) if gpus else 1  # one stage per GPU group, one on a CPU box
+    name = args.name or f"{os.uname().nodename}:{root.name}"
+    prefect = Path(sys.executable).parent / "prefect"
+    command = [str(prefect), "worker", "start", "--pool", args.pool, "--type", "process", "--limit", str(limit)]
+    with repository_lock(root):  # its token (in os.environ from here on) is shared by the stages the flows start
+        env = {
+            **os.environ,
+            WORKDIR_ENV: str(root),
+            GPUS_ENV: ",".join(map(str, gpus)),
+            NAME_ENV: name,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),  # this clone's code
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+        }
+        worker = subprocess.Popen([*command, "--name", name], env=env)
+        signal.signal(signal.SIGTERM, lambda signum, frame: worker.terminate())
+        try:
+            return worker.wait()
+        except KeyboardInterrupt:
+            worker.terminate()
+            return worker.wait()
 
 
 def cmd_repro(args):
@@ -174,7 +214,17 @@ def main(argv=None):
     run.add_argument("--max-parallel", type=int, default=2, help="stages running at once")
     run.add_argument("--retries", type=int, default=0, help="retries of a failed stage")
     run.add_argument("--timeline", help="write each stage's state and start/finish times to this JSON file")
+    run.add_argument("--pool", help="run the stages on the workers of this Prefect work pool (distillery worker)")
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="serve a Prefect work pool from this clone: run the stages it is given")
+    worker.add_argument("--pool", required=True, help="the work pool (created when missing)")
+    worker.add_argument("--gpus", default="", help="this machine's GPU ids its stages share, e.g. 0,1 (default: CPU)")
+    worker.add_argument(
+        "--gpus-per-stage", type=int, default=1, help="GPUs per stage: the worker's limit is #GPUs / it"
+    )
+    worker.add_argument("--name", help="the worker's name in Prefect (default: host:clone folder)")
+    worker.set_defaults(func=cmd_worker)
 
     repro = sub.add_parser("repro", help="dvc repro, grouped under one MLflow parent run")
     repro.add_argument("--params", default="params.yaml")

@@ -199,6 +199,40 @@ def progress_text(event):
     )
 
 
+def execute(root, name, cmd, group, parent_run_id, logger, cpu_threads=None):
+    """Run stage `name`'s command on the GPU ids `group` (none: the CPU, `cpu_threads` OpenMP threads), its output
+    into `logger` and its events into the running task's or flow's artifacts; raises when it fails. Returns its
+    start and finish times."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": ",".join(map(str, group)),
+        "DISTILLERY_EVENTS": "1",
+        DRIVER_ENV: str(os.getpid()),  # the stage ends itself if this process dies
+    }
+    if not group and cpu_threads:
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
+    if parent_run_id:
+        env["DISTILLERY_PARENT_RUN_ID"] = parent_run_id
+    args = stage_command(name, cmd, group)
+    logger.info("running %s on %s: %s", name, f"GPUs {group}" if group else "CPU", " ".join(args))
+    started = time.time()
+    proc = start_stage(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        artifacts = Artifacts(name, logger)
+        for line in proc.stdout:
+            text, event = events.parse(line)
+            if text.strip() or event is None:
+                logger.info(text.rstrip())
+            if event is not None:
+                artifacts(event)
+        if proc.wait() != 0:
+            raise RuntimeError(f"stage {name} failed with exit code {proc.returncode}")
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.discard(proc)
+    return started, time.time()
+
+
 @task(cache_policy=NO_CACHE)
 def run_stage(root: str, name: str, parent_run_id: str | None):
     """Run one DVC stage if DVC says it changed; returns its outputs' paths and hashes (a stage DVC skips ends in
@@ -211,36 +245,7 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
         result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
         return Completed(name="Cached", message="up to date in DVC: not run", data=result)
     with POOL.acquire() as group:
-        env = {
-            **os.environ,
-            "CUDA_VISIBLE_DEVICES": ",".join(map(str, group)),
-            "DISTILLERY_EVENTS": "1",
-            DRIVER_ENV: str(os.getpid()),  # the stage ends itself if this process dies
-        }
-        if not group and POOL.cpu_threads:
-            env.setdefault("OMP_NUM_THREADS", str(POOL.cpu_threads))
-        if parent_run_id:
-            env["DISTILLERY_PARENT_RUN_ID"] = parent_run_id
-        args = stage_command(name, cmd, group)
-        logger.info("running %s on %s: %s", name, f"GPUs {group}" if group else "CPU", " ".join(args))
-        started = time.time()
-        proc = start_stage(
-            args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
-        try:
-            artifacts = Artifacts(name, logger)
-            for line in proc.stdout:
-                text, event = events.parse(line)
-                if text.strip() or event is None:
-                    logger.info(text.rstrip())
-                if event is not None:
-                    artifacts(event)
-            if proc.wait() != 0:
-                raise RuntimeError(f"stage {name} failed with exit code {proc.returncode}")
-        finally:
-            with RUNNING_LOCK:
-                RUNNING.discard(proc)
-        finished = time.time()
+        started, finished = execute(root, name, cmd, group, parent_run_id, logger, POOL.cpu_threads)
     outs = commit_stage(root, name)
     logger.info("%s recorded in DVC: %s", name, outs)
     return {
@@ -288,7 +293,11 @@ def pipeline_flow(
     max_parallel: int,
     parent_run_id: str | None = None,
     mlflow_url: str | None = None,
+    pool: str | None = None,
+    commit: str | None = None,
 ):
+    """Every stage of the DAG as a task once its upstream stages are done: run here on this machine's GPU groups, or
+    with `pool` as a flow run on that Prefect work pool's workers (pipeline/pool.py) at git `commit`."""
     global POOL
     POOL = GPUPool(gpus, gpus_per_stage, cpu_threads=max(1, (os.cpu_count() or 1) // max_parallel))
     if mlflow_url:
@@ -302,12 +311,29 @@ def pipeline_flow(
     graph = stage_graph(root)
     futures = {}
     STOPPING.clear()
+    if pool:
+        from pipeline.pool import deploy, run_on_pool
+
+        deployment = deploy(pool, commit)
     try:
         for name in topological(graph):
             upstream = [futures[u] for u in graph[name]]
-            futures[name] = run_stage.with_options(task_run_name=name, retries=retries).submit(
-                root, name, parent_run_id, wait_for=upstream
-            )
+            if pool:
+                futures[name] = run_on_pool.with_options(task_run_name=name).submit(
+                    root,
+                    name,
+                    deployment,
+                    commit,
+                    graph[name],
+                    gpus_per_stage,
+                    parent_run_id,
+                    retries,
+                    wait_for=upstream,
+                )
+            else:
+                futures[name] = run_stage.with_options(task_run_name=name, retries=retries).submit(
+                    root, name, parent_run_id, wait_for=upstream
+                )
         wait(list(futures.values()))
     except BaseException:
         # Ctrl-C or SIGTERM (Prefect's TerminationSignal): the task threads, which the task runner waits for on the
@@ -327,13 +353,14 @@ def pipeline_flow(
     return states
 
 
-def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
+def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0, pool=None):
     """Run the DAG under Prefect inside one MLflow parent run, holding the repository lock; returns {stage: final
-    Prefect state}.
+    Prefect state}. With `pool`, the stages run on that work pool's workers (`gpus_per_stage` GPUs of theirs each).
 
     The flow run is named after the profile and the git commit and tagged with both and the GPUs.
     Raises StagesFailed (carrying every stage's state) when a stage failed; its downstream stages do not run.
-    Raises repo_lock.Held, before anything runs, when another process holds the repository lock."""
+    Raises repo_lock.Held, before anything runs, when another process holds the repository lock; pool.PoolError
+    when the commit or the DVC remote is not one the workers can reach."""
     from prefect import tags
 
     from pipeline.params import load_params
@@ -343,14 +370,20 @@ def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
     runner = ThreadPoolTaskRunner(max_workers=max_parallel)
     profile = load_params(Path(root) / "params.yaml").profile
     os.environ["DISTILLERY_ROOT"] = root
-    commit = git_commit()[:8]
-    gpu_tag = f"gpus:{','.join(map(str, gpus))}" if gpus else "gpus:none (CPU)"
+    commit = git_commit()
+    if pool:
+        from pipeline.pool import check_remote, ensure_crash_detection, shared_commit
+
+        commit = shared_commit(root)
+        check_remote(root)
+        ensure_crash_detection()
+    where = f"pool:{pool}" if pool else f"gpus:{','.join(map(str, gpus))}" if gpus else "gpus:none (CPU)"
     with (
         repository_lock(root),
         parent_run(root, "distillery run") as info,
-        tags(f"profile:{profile}", f"commit:{commit}", gpu_tag),
+        tags(f"profile:{profile}", f"commit:{commit[:8]}", where),
     ):
-        return pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{profile} @ {commit}")(
+        return pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{profile} @ {commit[:8]}")(
             root,
             list(gpus),
             gpus_per_stage,
@@ -358,4 +391,6 @@ def run(root=".", gpus=(), gpus_per_stage=1, max_parallel=2, retries=0):
             max_parallel,
             info.run_id,
             ui_url(info.experiment_id, info.run_id),
+            pool,
+            commit,
         )

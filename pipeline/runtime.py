@@ -22,6 +22,17 @@ quiet_defaults()
 CHECKPOINT_DIR = Path("checkpoints")  # resumable training states, one directory per stage run; outside DVC
 
 
+def stage_checkpoints(stage):
+    """The checkpoint directory of DVC stage `stage` (`teacher`, `distill@<run>`, `distill_fewstep@<run>`), or None
+    for a stage that keeps none."""
+    kind, _, run = stage.partition("@")
+    if kind == "teacher":
+        return CHECKPOINT_DIR / "teacher"
+    if kind in ("distill", "distill_fewstep"):
+        return CHECKPOINT_DIR / f"distill-{run}"
+    return None
+
+
 def seed_everything(seed):
     import numpy as np
     import torch

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.events import Progress
 from pipeline.io import atomic_path, write_json
-from pipeline.runtime import CHECKPOINT_DIR, distributed, fingerprint, kimg_bar, seed_everything
+from pipeline.runtime import distributed, fingerprint, kimg_bar, seed_everything, stage_checkpoints
 from pipeline.tracking import METRIC_COLUMNS
 
 from distillery.checkpoint import CheckpointError, Checkpoints, load_config, load_network, save_network
@@ -190,7 +190,7 @@ def run(params, args, run):
         settings = params.settings(this)
         d = params.distill.for_method(this.method)
         checkpoints = Checkpoints(
-            CHECKPOINT_DIR / f"distill-{name}",
+            stage_checkpoints(f"distill@{name}"),
             fingerprint(
                 {
                     "seed": params.seed,

@@ -12,7 +12,7 @@ import torch
 from pipeline.events import Progress
 from pipeline.io import atomic_path, write_json
 from pipeline.pins import fetch
-from pipeline.runtime import CHECKPOINT_DIR, fingerprint, kimg_bar, seed_everything
+from pipeline.runtime import fingerprint, kimg_bar, seed_everything, stage_checkpoints
 
 from distillery.augment import AugmentPipe
 from distillery.checkpoint import CheckpointError, Checkpoints, save_network
@@ -88,7 +88,7 @@ def train(params, run):
 
     start = time.perf_counter()
     checkpoints = Checkpoints(
-        CHECKPOINT_DIR / "teacher",
+        stage_checkpoints("teacher"),
         # how many are kept does not change the run: resuming survives a change of checkpoint_keep
         fingerprint({"seed": params.seed, "teacher": t.model_dump(exclude={"checkpoint_keep"})}, [DATASET]),
         keep=t.checkpoint_keep,
