@@ -4,6 +4,7 @@ import time
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from distillery.edm import heun_sampler, seeded_draws
 from distillery.metrics import to_uint8
@@ -42,11 +43,17 @@ class SampleSet(NamedTuple):
 
 
 @torch.no_grad()
-def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
+def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu", ranks=(0, 1)):
+    """The images of `seeds`, `batch` seeds at a time. ranks = (rank, world size) of a torch.distributed group: this
+    rank samples batches rank, rank + world, … of the one-process run, and every rank gets the whole set back in seed
+    order, bit for bit that of one process, since every network sees the same batches (a net's output for an image
+    may depend on its batch). Every rank must call it alike."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    images, labels, seconds, blown_up = [], [], 0.0, 0
-    for start in range(0, len(seeds), batch):
+    rank, world = ranks
+    starts = range(0, len(seeds), batch)
+    parts, seconds, blown_up = [], 0.0, 0
+    for start in starts[rank::world]:
         latents, c, rnd = seeded_draws(seeds[start : start + batch], shape, label_dim, device)
         sync()
         t0 = time.perf_counter()
@@ -54,10 +61,15 @@ def generate(sampler, seeds, shape, label_dim=0, batch=256, device="cpu"):
         sync()
         seconds += time.perf_counter() - t0
         blown_up += int(blown_up_rows(x).sum())
-        images.append(to_uint8(x).cpu())
-        if c is not None:
-            labels.append(c.argmax(dim=1).cpu())
-    return SampleSet(torch.cat(images), torch.cat(labels) if labels else None, seconds, blown_up)
+        parts.append((to_uint8(x).cpu(), None if c is None else c.argmax(dim=1).cpu()))
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, (parts, seconds, blown_up))  # every rank gets every rank's share
+        parts = [shares[i % world][0][i // world] for i in range(len(starts))]
+        seconds = max(s for _, s, _ in shares)  # the ranks sample side by side
+        blown_up = sum(b for _, _, b in shares)
+    labels = torch.cat([c for _, c in parts]) if label_dim else None
+    return SampleSet(torch.cat([x for x, _ in parts]), labels, seconds, blown_up)
 
 
 def image_grid(images_uint8, rows, pad=1):

@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
 
 from pipeline.io import atomic_path
@@ -78,17 +79,22 @@ def measure(sampler, shape, label_dim, params, dev, teacher_stats=None, score=Tr
     """Metrics of a sampler under the profile's protocol: FID aggregated over the seed blocks; IS, KID, rel-FID
     and images/s from the first block. Returns (metrics, first block's SampleSet, its FID statistics).
 
+    Under torchrun the ranks share out each block's batches (distillery.sampling.generate) and every rank scores the
+    gathered images alike, so that no rank waits in a collective while another scores; rank 0 keeps the result.
+
     Blown-up images (NaN/Inf, or values far outside the data range: distillery.sampling.BLOWN_UP) are counted
     over all blocks (`blown_up_images`). A set with any of them is not scored, nor is any set when `score` is False
     (a diverged run): its FID, IS, KID, precision, recall and rel-FID are None, and so are the statistics; uint8
     conversion would turn such values into pixels that score."""
     e = params.evaluation
+    # not distillery.training.world(): importing training would make its code a DVC dependency of every evaluation
+    ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if score:
         features = feature_net()
         ref_stats, ref_features = reference(features)
     fids, first, metrics, stats, blown_up = [], None, None, None, 0
     for seeds in seed_blocks(params):
-        samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev)
+        samples = generate(sampler, seeds, shape, label_dim, batch=e.batch, device=dev, ranks=ranks)
         blown_up += samples.blown_up
         if not score or blown_up:
             first = first or samples

@@ -3,13 +3,16 @@ images/s of a distilled generator.
 
 A generator that makes any blown-up image (NaN/Inf, or values far outside the data range), and every generator of
 a run that diverged, is not scored: its metrics are null and `not_scored` says why (the samples and grid are still
-written)."""
+written).
+
+Under `torchrun` the ranks share out the sampling (docs/methods.md §2.1); rank 0 alone writes, logs and measures
+the covariate shift."""
 
 import torch
 
 from pipeline import events
 from pipeline.io import write_json
-from pipeline.runtime import device
+from pipeline.runtime import distributed
 
 from distillery.checkpoint import load_config, load_network
 from distillery.data import load_dataset
@@ -40,31 +43,34 @@ def run(params, args, run):
     name = this.name
     method = params.method(this)  # how its student samples, and its NFE
     meta = load_config(run_dir(name))
-    dev = device()
     teacher_stats = load_stats_npz(TEACHER_STATS)
     seeds = seed_blocks(params)[0]  # the first trial's seeds: stored samples, grid, IS/KID/rel-FID
     results, not_scored = {}, []
     if meta["diverged"]:
         not_scored.append(f"the run diverged at {meta['diverged_kimg']:g} kimg ({meta['diverged_loss']})")
-    for checkpoint in ("best", "last"):
-        generator = load_network(run_dir(name), name=checkpoint, device=dev)
-        shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
-        results[checkpoint], samples, _ = measure(
-            method.sampler(generator),
-            shape,
-            generator.label_dim,
-            params,
-            dev,
-            teacher_stats=teacher_stats,
-            score=not meta["diverged"],
-        )
-        if results[checkpoint]["blown_up_images"]:
-            n, total = results[checkpoint]["blown_up_images"], len(seeds) * e.fid_trials
-            blown = f"blown up (NaN/Inf or beyond ±{BLOWN_UP:g})"
-            not_scored.append(f"{n} of {total} images of the {checkpoint} checkpoint are {blown}")
-        if checkpoint == "best":
-            save_samples(student_samples(name), samples.images, seeds, samples.labels)
-            save_grid(GRIDS / f"{name}.png", samples.images, e.grid_size)
+    with distributed() as (rank, dev):
+        for checkpoint in ("best", "last"):
+            generator = load_network(run_dir(name), name=checkpoint, device=dev)
+            shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
+            results[checkpoint], samples, _ = measure(
+                method.sampler(generator),
+                shape,
+                generator.label_dim,
+                params,
+                dev,
+                teacher_stats=teacher_stats,
+                score=not meta["diverged"],
+            )
+            if results[checkpoint]["blown_up_images"]:
+                n, total = results[checkpoint]["blown_up_images"], len(seeds) * e.fid_trials
+                blown = f"blown up (NaN/Inf or beyond ±{BLOWN_UP:g})"
+                not_scored.append(f"{n} of {total} images of the {checkpoint} checkpoint are {blown}")
+            if checkpoint == "best":
+                best = samples
+    if rank != 0:
+        return  # rank 0 writes for all
+    save_samples(student_samples(name), best.images, seeds, best.labels)
+    save_grid(GRIDS / f"{name}.png", best.images, e.grid_size)
 
     shift = None
     # a few-step student: how far its inference states are from its training states (when its samples are scored)

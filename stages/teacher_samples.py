@@ -1,8 +1,10 @@
 """Stage `teacher_samples`: the teacher's Heun samples from seeds 0..N-1, its own metrics (FID over the
-protocol's trials), and the statistics of its samples that rel-FID compares students against (docs/methods.md §5)."""
+protocol's trials), and the statistics of its samples that rel-FID compares students against (docs/methods.md §5).
+
+Under `torchrun` the ranks share out the sampling (docs/methods.md §2.1); rank 0 alone writes and logs."""
 
 from pipeline.io import atomic_path, write_json
-from pipeline.runtime import device
+from pipeline.runtime import distributed
 
 from distillery.checkpoint import load_network
 from distillery.metrics import save_stats_npz
@@ -15,11 +17,13 @@ from stages.skeleton import StageFailed, run_stage
 
 def run(params, args, run):
     e = params.evaluation
-    dev = device()
-    teacher = load_network(TEACHER_DIR, device=dev)
-    shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
-    nfe = 2 * e.teacher_steps - 1
-    info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
+    with distributed() as (rank, dev):
+        teacher = load_network(TEACHER_DIR, device=dev)
+        shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+        nfe = 2 * e.teacher_steps - 1
+        info, samples, stats = measure(heun(teacher, e.teacher_steps), shape, teacher.label_dim, params, dev)
+    if rank != 0:
+        return  # rank 0 writes for all
     if stats is None:  # measure scores no set with blown-up images
         raise StageFailed(
             f"{info['blown_up_images']} of the teacher's samples are blown up (NaN/Inf or far outside the data range): "
