@@ -200,6 +200,29 @@ def cmd_ui(args):
     serve_uis(args.prefect_port, args.mlflow_port)
 
 
+def cmd_cluster(args):
+    """PostgreSQL, SeaweedFS (S3), the Prefect server and MLflow on 127.0.0.1, detached; or stop them."""
+    from pipeline import cluster
+
+    if args.action == "up":
+        try:
+            info = cluster.up(args.dir)
+        except cluster.ClusterError as e:
+            print(f"distillery cluster up: {e}", file=sys.stderr)
+            return 1
+        cluster.print_up(args.dir, info)
+    elif args.action == "down":
+        stopped = cluster.down(args.dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"no cluster is up in {args.dir}")
+    else:
+        env = Path(args.dir) / "cluster.env"
+        if not env.is_file():
+            print(f"no cluster is up in {args.dir}", file=sys.stderr)
+            return 1
+        print(env.read_text(), end="")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="distillery", description="One-step diffusion distillation pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +272,11 @@ def main(argv=None):
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    cluster = sub.add_parser("cluster", help="start or stop PostgreSQL, S3, Prefect and MLflow servers on 127.0.0.1")
+    cluster.add_argument("action", choices=["up", "down", "env"], help="start, stop, print cluster.env")
+    cluster.add_argument("--dir", default=".cluster", help="data and logs (default .cluster)")
+    cluster.set_defaults(func=cmd_cluster)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
