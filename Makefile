@@ -12,13 +12,13 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 unexport PYTHONDONTWRITEBYTECODE
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-ui test-faults install clean
+.PHONY: demo test test-ui test-faults test-cluster install clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $@
 
 demo: install
@@ -40,6 +40,11 @@ test-ui: install
 # blown-up learning rates, a tracking server that dies, concurrent drivers, a full disk); ends with the count.
 test-faults: install
 	$(BIN)/python -m pytest -m faults
+
+# Beyond one machine: PostgreSQL, SeaweedFS (S3), the Prefect and MLflow servers on 127.0.0.1, two workers in their
+# own clones running the micro DAG from a work pool (one killed mid-distill), stages under torchrun (Debian's postgresql).
+test-cluster: install
+	$(BIN)/python -m pytest -m cluster
 
 clean:
 	rm -rf $(VENV) checkpoints mlflow.db mlruns

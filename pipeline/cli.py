@@ -85,10 +85,14 @@ def run_flow(args):
         result = state.result(raise_on_failure=False) if state.is_completed() else {}
         timeline[name] = {
             "state": state.name,
-            **{k: result[k] for k in ("ran", "started", "finished", "task_started", "task_finished") if k in result},
+            **{
+                k: result[k]
+                for k in ("ran", "started", "finished", "task_started", "task_finished", "worker", "attempts")
+                if k in result
+            },
         }
         took = (
-            f"{result['finished'] - result['started']:7.1f} s" if "started" in result else " skipped" if result else ""
+            f"{result['finished'] - result['started']:7.1f} s" if result.get("started") is not None else " skipped" if result else ""
         )
         print(f"{state.name:>12}  {name:<28}{took}")
     if args.timeline:

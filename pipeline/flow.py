@@ -105,7 +105,8 @@ class GPUPool:
             self._free.put(group)
 
 
-DDP_STAGES = ("distill@",)  # stages whose code shards work over torch.distributed ranks
+# stages whose code shards work over torch.distributed ranks ("evaluate" covers evaluate_fewstep@ too)
+DDP_STAGES = ("distill@", "distill_fewstep@", "teacher_samples", "evaluate")
 
 
 def stage_command(name, cmd, group):
@@ -119,6 +120,7 @@ def stage_command(name, cmd, group):
             "--standalone",
             f"--nproc_per_node={len(group)}",
             "-m",
+            "--",  # what follows is the stage's: torchrun would take `--run` for its own `--run-path`
             *args[2:],
         ]
     if args[:1] == ["python"]:
