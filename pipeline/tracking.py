@@ -86,7 +86,10 @@ FID_VIEW = {
 
 
 def ui_base():
-    return os.environ.get("DISTILLERY_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    """The MLflow UI: DISTILLERY_MLFLOW_UI, else the tracking server (it serves the UI), else `distillery ui`'s."""
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    default = server if server.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return os.environ.get("DISTILLERY_MLFLOW_UI", default).rstrip("/")
 
 
 def ui_url(experiment_id, run_id=None):
