@@ -92,7 +92,11 @@ def run_flow(args):
             },
         }
         took = (
-            f"{result['finished'] - result['started']:7.1f} s" if result.get("started") is not None else " skipped" if result else ""
+            f"{result['finished'] - result['started']:7.1f} s"
+            if result.get("started") is not None
+            else " skipped"
+            if result
+            else ""
         )
         print(f"{state.name:>12}  {name:<28}{took}")
     if args.timeline:

@@ -16,6 +16,7 @@ DVC remote, the runs to the MLflow server.
 import json
 import subprocess
 import time
+import uuid
 from datetime import timedelta
 
 from dvc.utils.serialize import load_yaml, modify_yaml
@@ -43,8 +44,7 @@ def git(root, *args):
 
 def shared_commit(root):
     """The commit the workers check out: HEAD, with every tracked file but dvc.lock committed and HEAD on `origin`."""
-    dirty = [line[3:] for line in git(root, "status", "--porcelain", "--untracked-files=no").splitlines()]
-    dirty = [path for path in dirty if path != "dvc.lock"]
+    dirty = [path for path in git(root, "diff", "--name-only", "HEAD").splitlines() if path != "dvc.lock"]
     if dirty:
         raise PoolError(f"uncommitted changes to {', '.join(dirty)}: workers check out commits; commit and push them")
     commit = git(root, "rev-parse", "HEAD")
@@ -127,6 +127,20 @@ def ensure_crash_detection():
     ).create()
 
 
+def uncached_inputs(root, name):
+    """The files stage `name` reads that other stages write and DVC leaves to git (metrics, small plots): a worker's
+    `dvc pull` cannot bring them, so the coordinator, which holds every finished stage's outputs, hands them over."""
+    with DVC_LOCK:
+        repo = open_repo(root)
+        try:
+            uncached = [str(out.def_path) for s in repo.index.stages for out in s.outs if not out.use_cache]
+            (stage,) = repo.stage.collect(name)
+            deps = [str(dep.def_path) for dep in stage.deps if hasattr(dep, "def_path")]
+        finally:
+            repo.close()
+    return [u for u in uncached if any(u == d or u.startswith(d.rstrip("/") + "/") for d in deps)]
+
+
 def record_stage(root, name, record, flow_run_id):
     """Bring a worker's results of stage `name` here: the outputs DVC does not cache from the remote, those it caches
     by `dvc pull` of the worker's dvc.lock entry, then `dvc commit` as for a stage run here (dvc.lock, the
@@ -163,6 +177,8 @@ def run_on_pool(
         logger.info("%s is up to date (DVC); skipped", name)
         result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
         return Completed(name="Cached", message="up to date in DVC: not run", data=result)
+    inputs = {"key": f"inputs/{uuid.uuid4()}", "paths": uncached_inputs(root, name)}
+    Remote(root).put_files(inputs["key"], inputs["paths"])
     for attempt in range(retries + 1):
         with DVC_LOCK:
             lock = (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else "schema: '2.0'\nstages: {}\n"
@@ -173,6 +189,7 @@ def run_on_pool(
                 "commit": commit,
                 "lock": lock,
                 "upstream": upstream,
+                "inputs": inputs,
                 "gpus_per_stage": gpus_per_stage,
                 "parent_run_id": parent_run_id,
             },
@@ -186,8 +203,11 @@ def run_on_pool(
         logger.warning("%s: flow run %s ended %s (%s)", name, run.name, run.state.name, run.state.message)
     else:
         raise RuntimeError(f"stage {name} did not complete on the pool in {retries + 1} attempt(s)")
-    record = Remote(root).get_json(f"stages/{run.id}.json")
+    remote = Remote(root)
+    record = remote.get_json(f"stages/{run.id}.json")
     record_stage(root, name, record, run.id)
+    for key in (inputs["key"], f"outs/{run.id}", f"stages/{run.id}.json"):
+        remote.remove(key)  # all of it is in DVC's cache and this repository now
     logger.info("%s ran on %s; recorded in DVC: %s", name, record["worker"], record["outs"])
     return {
         "stage": name,

@@ -103,8 +103,9 @@ class Remote:
             Path(tmp).write_text(json.dumps(remote, indent=2) + "\n")
         return newest
 
-    def remove_checkpoints(self, directory):
-        for path in self._files(directory):
+    def remove(self, key):
+        """Delete the files under `key` (a stage's checkpoints once it ended, what a worker handed back once read)."""
+        for path in self._files(key):
             self.fs.rm_file(path)
 
     def _files(self, key):

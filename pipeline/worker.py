@@ -4,7 +4,8 @@
 worker whose flow runs (the deployment `distillery-stage/<pool>`) execute `stage_flow` here. A stage flow:
 1. checks the clone out at the coordinator's commit (the deployment's pull step, before the flow's code is loaded)
    and writes the coordinator's dvc.lock over it;
-2. pulls the outputs of the stage's upstream stages from the DVC remote;
+2. pulls the outputs of the stage's upstream stages from the DVC remote, and fetches there the upstream outputs DVC
+   does not cache (metrics: git carries them), which the coordinator put there for it;
 3. fetches the stage's checkpoints from the remote when they go further than its own (another worker began it);
 4. runs the stage's command on a free GPU group of this worker, its checkpoints mirrored to the remote as they are
    written, its progress and MLflow link published as this flow run's artifacts;
@@ -136,9 +137,17 @@ def uncached_outs(root, stage):
 
 @flow(name=FLOW)
 def stage_flow(
-    stage: str, commit: str, lock: str, upstream: list[str], gpus_per_stage: int = 1, parent_run_id: str | None = None
+    stage: str,
+    commit: str,
+    lock: str,
+    upstream: list[str],
+    inputs: dict,
+    gpus_per_stage: int = 1,
+    parent_run_id: str | None = None,
 ) -> dict:
-    """Run DVC stage `stage` at git `commit` with the coordinator's dvc.lock text `lock`; returns what it recorded."""
+    """Run DVC stage `stage` at git `commit` with the coordinator's dvc.lock text `lock`, the outputs of the
+    `upstream` stages from the DVC remote and the files of `inputs` ({"key", "paths"}) the coordinator put there;
+    returns what it recorded."""
     logger = get_run_logger()
     root = workdir()
     os.chdir(root)
@@ -151,6 +160,7 @@ def stage_flow(
         write_lock(root, lock)
         pull(root, upstream)
     remote = Remote(root)
+    remote.get_files(inputs["key"], inputs["paths"])
     checkpoints = stage_checkpoints(stage)
     if checkpoints is not None:
         resumed = remote.pull_checkpoints(checkpoints)  # paths relative to the clone: the same on every machine
@@ -172,7 +182,7 @@ def stage_flow(
     uncached = uncached_outs(root, stage)
     remote.put_files(f"outs/{flow_run.get_id()}", uncached)
     if checkpoints is not None and not (root / checkpoints).exists():
-        remote.remove_checkpoints(checkpoints)  # the stage ended and removed its own: nothing left to resume
+        remote.remove(checkpoints)  # the stage ended and removed its own: nothing left to resume
     record = {
         "stage": stage,
         "worker": worker,

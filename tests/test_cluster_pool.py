@@ -14,9 +14,12 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
+from browser import CHROMIUM, chromium
 from faults.faultkit import digest, fault_params, stage_outputs
 from test_cluster_servers import cluster, cluster_listeners, listening, s3, socket_inodes  # noqa: F401 (a fixture)
 
@@ -98,7 +101,20 @@ def lab(cluster, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     return root, env, reference
 
 
-def test_the_dag_runs_on_two_workers_survives_a_dead_one_and_equals_dvc_repro(cluster, lab):  # noqa: F811
+@pytest.fixture
+def shots(tmp_path):
+    path = Path(os.environ.get("DISTILLERY_SCREENSHOTS") or tmp_path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def api(url, body):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_the_dag_runs_on_two_workers_survives_a_dead_one_and_equals_dvc_repro(cluster, lab, shots):  # noqa: F811
     d, info, _ = cluster
     root, env, reference = lab
     clones = {name: root / name for name in ("w1", "w2", "coordinator", "fresh")}
@@ -198,3 +214,17 @@ def test_the_dag_runs_on_two_workers_survives_a_dead_one_and_equals_dvc_repro(cl
         for r in mlflow.search_runs([e.experiment_id], "attributes.status = 'FINISHED'", max_results=1000)
     }
     assert set(stages) <= finished, set(stages) - finished
+
+    # in the Prefect UI every stage is a subflow run of the coordinator's flow, taken by a worker
+    prefect = env["PREFECT_API_URL"]
+    (flow_run,) = api(f"{prefect}/flow_runs/filter", {"flows": {"name": {"any_": ["distillery"]}}})
+    subflows = api(f"{prefect}/flow_runs/filter", {"flows": {"name": {"any_": ["distillery-stage"]}}})
+    assert {r["name"] for r in subflows} == set(stages) | {f"distill@{run} (retry 1)"}
+    assert all(r["parent_task_run_id"] and r["work_pool_name"] == POOL for r in subflows)
+    if CHROMIUM.exists():
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(f"{prefect.removesuffix('/api')}/runs/flow-run/{flow_run['id']}", wait_until="networkidle")
+            page.get_by_role("tab", name="Subflow Runs").click()
+            page.get_by_text(f"distill@{run} (retry 1)").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(shots / "prefect-pool-subflows.png"))
