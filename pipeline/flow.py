@@ -48,38 +48,36 @@ def open_repo(root):
     return Repo(str(root), _wait_for_lock=True)
 
 
-def stage_graph(root):
-    """{stage name: [upstream stage names]} in DVC's own order, from DVC's stage graph."""
+@contextmanager
+def dvc_repo(root):
+    """DVC's repository at `root`, opened for the with-block by one thread of this process at a time."""
     with DVC_LOCK:
         repo = open_repo(root)
         try:
-            graph = repo.index.graph  # edges point from a stage to the stages it depends on
-            return {s.addressing: sorted(u.addressing for u in graph.successors(s)) for s in graph.nodes if s.cmd}
+            yield repo
         finally:
             repo.close()
+
+
+def stage_graph(root):
+    """{stage name: [upstream stage names]} in DVC's own order, from DVC's stage graph."""
+    with dvc_repo(root) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return {s.addressing: sorted(u.addressing for u in graph.successors(s)) for s in graph.nodes if s.cmd}
 
 
 def stage_changed(root, name):
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
-            with repo.lock:
-                (stage,) = repo.stage.collect(name)
-                return stage.changed(), stage.cmd
-        finally:
-            repo.close()
+    with dvc_repo(root) as repo, repo.lock:
+        (stage,) = repo.stage.collect(name)
+        return stage.changed(), stage.cmd
 
 
 def commit_stage(root, name):
     """Record the stage's deps, params and outputs in dvc.lock and the cache; returns {out path: hash}."""
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
-            repo.commit(name, force=True)
-            (stage,) = repo.stage.collect(name)
-            return {str(out.def_path): out.hash_info.value for out in stage.outs}
-        finally:
-            repo.close()
+    with dvc_repo(root) as repo:
+        repo.commit(name, force=True)
+        (stage,) = repo.stage.collect(name)
+        return {str(out.def_path): out.hash_info.value for out in stage.outs}
 
 
 class GPUPool:
@@ -235,6 +233,13 @@ def execute(root, name, cmd, group, parent_run_id, logger, cpu_threads=None):
     return started, time.time()
 
 
+def skipped(name, logger, task_started):
+    """The end of a task whose stage DVC says is up to date: the state `Cached`, not `Completed`."""
+    logger.info("%s is up to date (DVC); skipped", name)
+    result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
+    return Completed(name="Cached", message="up to date in DVC: not run", data=result)
+
+
 @task(cache_policy=NO_CACHE)
 def run_stage(root: str, name: str, parent_run_id: str | None):
     """Run one DVC stage if DVC says it changed; returns its outputs' paths and hashes (a stage DVC skips ends in
@@ -243,9 +248,7 @@ def run_stage(root: str, name: str, parent_run_id: str | None):
     task_started = time.time()
     changed, cmd = stage_changed(root, name)
     if not changed:
-        logger.info("%s is up to date (DVC); skipped", name)
-        result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
-        return Completed(name="Cached", message="up to date in DVC: not run", data=result)
+        return skipped(name, logger, task_started)
     with POOL.acquire() as group:
         started, finished = execute(root, name, cmd, group, parent_run_id, logger, POOL.cpu_threads)
     outs = commit_stage(root, name)

@@ -24,9 +24,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Completed
 
-from pipeline.flow import DVC_LOCK, open_repo, stage_changed
+from pipeline.flow import DVC_LOCK, dvc_repo, skipped, stage_changed
 from pipeline.remote import Remote
 from pipeline.worker import FLOW, HEARTBEAT_S, check_out
 
@@ -55,12 +54,9 @@ def shared_commit(root):
 
 
 def check_remote(root):
-    repo = open_repo(root)
-    try:
+    with dvc_repo(root) as repo:
         if not repo.config["core"].get("remote"):
             raise PoolError("no default DVC remote: workers exchange data through it; `dvc remote add -d NAME URL`")
-    finally:
-        repo.close()
 
 
 def deploy(pool, commit):
@@ -130,14 +126,10 @@ def ensure_crash_detection():
 def uncached_inputs(root, name):
     """The files stage `name` reads that other stages write and DVC leaves to git (metrics, small plots): a worker's
     `dvc pull` cannot bring them, so the coordinator, which holds every finished stage's outputs, hands them over."""
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
-            uncached = [str(out.def_path) for s in repo.index.stages for out in s.outs if not out.use_cache]
-            (stage,) = repo.stage.collect(name)
-            deps = [str(dep.def_path) for dep in stage.deps if hasattr(dep, "def_path")]
-        finally:
-            repo.close()
+    with dvc_repo(root) as repo:
+        uncached = [str(out.def_path) for s in repo.index.stages for out in s.outs if not out.use_cache]
+        (stage,) = repo.stage.collect(name)
+        deps = [str(dep.def_path) for dep in stage.deps]
     return [u for u in uncached if any(u == d or u.startswith(d.rstrip("/") + "/") for d in deps)]
 
 
@@ -146,17 +138,13 @@ def record_stage(root, name, record, flow_run_id):
     by `dvc pull` of the worker's dvc.lock entry, then `dvc commit` as for a stage run here (dvc.lock, the
     .gitignore entries); raises unless the entry recorded here is the worker's."""
     entry = json.loads(json.dumps(record["lock"]))
-    with DVC_LOCK:
-        Remote(root).get_files(f"outs/{flow_run_id}", record["uncached"])
+    Remote(root).get_files(f"outs/{flow_run_id}", record["uncached"])
+    with dvc_repo(root) as repo:
         with modify_yaml(str(root / "dvc.lock")) as data:
             data.setdefault("schema", "2.0")
             data.setdefault("stages", {})[name] = entry
-        repo = open_repo(root)
-        try:
-            repo.pull(targets=[name])
-            repo.commit(name, force=True)
-        finally:
-            repo.close()
+        repo.pull(targets=[name])
+        repo.commit(name, force=True)
         here = json.loads(json.dumps(load_yaml(root / "dvc.lock")["stages"][name]))
     if here != entry:
         raise RuntimeError(f"{name}: what the worker recorded differs from what this repository records for it")
@@ -174,9 +162,7 @@ def run_on_pool(
     task_started = time.time()
     changed, _ = stage_changed(root, name)
     if not changed:
-        logger.info("%s is up to date (DVC); skipped", name)
-        result = {"stage": name, "ran": False, "outs": {}, "task_started": task_started, "task_finished": time.time()}
-        return Completed(name="Cached", message="up to date in DVC: not run", data=result)
+        return skipped(name, logger, task_started)
     inputs = {"key": f"inputs/{uuid.uuid4()}", "paths": uncached_inputs(root, name)}
     Remote(root).put_files(inputs["key"], inputs["paths"])
     for attempt in range(retries + 1):

@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from pipeline.flow import DVC_LOCK, commit_stage, execute, open_repo, stage_changed
+from pipeline.flow import commit_stage, dvc_repo, execute, stage_changed
 from pipeline.io import atomic_path
 from pipeline.remote import CheckpointMirror, Remote
 from pipeline.runtime import stage_checkpoints
@@ -99,23 +99,14 @@ def write_lock(root, lock_text):
 
 
 def pull(root, stages):
-    if not stages:
-        return
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
+    if stages:
+        with dvc_repo(root) as repo:
             repo.pull(targets=stages)
-        finally:
-            repo.close()
 
 
 def push(root, stage):
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
-            repo.push(targets=[stage])
-        finally:
-            repo.close()
+    with dvc_repo(root) as repo:
+        repo.push(targets=[stage])
 
 
 def lock_entry(root, stage):
@@ -126,13 +117,9 @@ def lock_entry(root, stage):
 
 def uncached_outs(root, stage):
     """The stage's outputs DVC leaves to git (`cache: false`: metrics, small plots): the remote carries them too."""
-    with DVC_LOCK:
-        repo = open_repo(root)
-        try:
-            (collected,) = repo.stage.collect(stage)
-            return [str(out.def_path) for out in collected.outs if not out.use_cache]
-        finally:
-            repo.close()
+    with dvc_repo(root) as repo:
+        (collected,) = repo.stage.collect(stage)
+        return [str(out.def_path) for out in collected.outs if not out.use_cache]
 
 
 @flow(name=FLOW)

@@ -33,9 +33,12 @@ PARAMS = {"distill": {"duration_kimg": 0.768, "checkpoint_kimg": 0.064, "monitor
 
 
 def machine_env(cluster_env, home):
-    """A machine of the lab: the servers from cluster.env, its own Prefect home, one OpenMP thread (bit identity
-    with the reference, which runs with one)."""
-    return tool_env({**cluster_env, "PREFECT_HOME": str(home / ".prefect-home"), "OMP_NUM_THREADS": "1"})
+    """A machine of the lab: the servers from cluster.env, its own Prefect home, its clone's code, one OpenMP thread
+    (bit identity with the reference, which runs with one)."""
+    env = tool_env(
+        {**cluster_env, "PREFECT_HOME": str(home / ".prefect-home"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(home)}
+    )
+    return {**env, "MLFLOW_TRACKING_URI": cluster_env["MLFLOW_TRACKING_URI"]}  # tool_env drops it: tests log locally
 
 
 def tree(pid):
