@@ -227,7 +227,7 @@ def test_the_dag_runs_on_two_workers_survives_a_dead_one_and_equals_dvc_repro(cl
     if CHROMIUM.exists():
         with chromium() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(f"{prefect.removesuffix('/api')}/runs/flow-run/{flow_run['id']}", wait_until="networkidle")
-            page.get_by_role("tab", name="Subflow Runs").click()
+            page.goto(f"{prefect.removesuffix('/api')}/runs/flow-run/{flow_run['id']}")
+            page.get_by_text("Subflow Runs", exact=True).first.click()
             page.get_by_text(f"distill@{run} (retry 1)").first.wait_for(timeout=30_000)
             page.screenshot(path=str(shots / "prefect-pool-subflows.png"))
