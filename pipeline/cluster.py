@@ -201,6 +201,7 @@ def start_prefect(d, port, database_url, started):
         "PREFECT_HOME": str(d / "prefect"),
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",  # where its UI, in a browser, finds the API
     }
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     proc = detached(cmd + ["--analytics-off"], d / "logs" / "prefect.log", env)
