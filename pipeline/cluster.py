@@ -184,9 +184,9 @@ def start_seaweedfs(d, ports, keys, started):
 
 
 def s3_client_for(endpoint, keys):
-    import boto3
+    from botocore.session import get_session  # what DVC's S3 remote itself is built on: no boto3 needed
 
-    return boto3.client(
+    return get_session().create_client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=keys["s3_access"],
@@ -274,7 +274,7 @@ def up(directory):
         "MLFLOW_TRACKING_URI": info["urls"]["mlflow"],
         "AWS_ACCESS_KEY_ID": keys["s3_access"],
         "AWS_SECRET_ACCESS_KEY": keys["s3_secret"],
-        "AWS_ENDPOINT_URL": s3_endpoint,  # boto3 (1.28+) reads it; DVC takes the endpoint from its remote config
+        "AWS_ENDPOINT_URL": s3_endpoint,  # boto3/botocore read it; DVC takes the endpoint from its remote config
         "AWS_DEFAULT_REGION": "us-east-1",
         "DISTILLERY_DVC_REMOTE": info["dvc_remote"],
     }

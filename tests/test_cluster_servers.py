@@ -82,9 +82,9 @@ def query(d, info, dbname, sql, args=()):
 
 
 def s3(env):
-    import boto3
+    from botocore.session import get_session  # what DVC's S3 remote itself is built on: no boto3 needed
 
-    return boto3.client(
+    return get_session().create_client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
