@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 unexport PYTHONDONTWRITEBYTECODE
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-ui test-faults test-cluster install clean
+.PHONY: demo test test-slow test-ui test-faults test-cluster install clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# End to end on the micro project: the Prefect flow beside dvc repro, the few-step study added to a built project.
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 # The UIs: Prefect and MLflow in Chromium against real servers and a micro flow, `distillery ui` stopping both
 # servers, the offline `dvc plots` page (minutes; Debian's chromium).

@@ -7,9 +7,12 @@ import re
 import sys
 
 import pandas as pd
+import pytest
 from ruamel.yaml import YAML
 
 from conftest import copy_project, sh
+
+pytestmark = pytest.mark.slow
 
 FEWSTEP = {"methods": ["dmd2", "cd"], "lrs": ["1e-4"], "steps": [2], "variants": ["plain", "ddil"]}
 RUNS = [f"{m}-1e-4-2-{v}" for m in ("dmd2", "cd") for v in ("plain", "ddil")]

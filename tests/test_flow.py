@@ -10,6 +10,8 @@ import pytest
 
 from conftest import copy_project, sh
 
+pytestmark = pytest.mark.slow
+
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 
 
