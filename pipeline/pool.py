@@ -14,7 +14,6 @@ DVC remote, the runs to the MLflow server.
 """
 
 import json
-import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -27,7 +26,7 @@ from prefect.exceptions import ObjectNotFound
 
 from pipeline.flow import DVC_LOCK, dvc_repo, skipped, stage_changed
 from pipeline.remote import Remote
-from pipeline.worker import FLOW, HEARTBEAT_S, check_out
+from pipeline.worker import FLOW, HEARTBEAT_S, check_out, git
 
 HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S  # silence after which a stage's flow run is marked Crashed
 AUTOMATION = "distillery: a stage whose worker stopped sending heartbeats has crashed"
@@ -35,10 +34,6 @@ AUTOMATION = "distillery: a stage whose worker stopped sending heartbeats has cr
 
 class PoolError(RuntimeError):
     """The repository is not ready to run on a pool (one line saying what to do)."""
-
-
-def git(root, *args):
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def shared_commit(root):

@@ -81,7 +81,8 @@ def gpu_group(root, per_stage):
 
 
 def git(root, *args):
-    subprocess.run(["git", *args], cwd=root, check=True, stdout=subprocess.DEVNULL)
+    """What git prints, stripped; raises when it fails."""
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def check_out(commit):
@@ -141,8 +142,8 @@ def stage_flow(
     os.environ["DISTILLERY_ROOT"] = str(root)  # the MLflow store and the run's tags are this clone's
     worker = os.environ.get(NAME_ENV) or f"{socket.gethostname()}:{root}"
     with clone_lock(root):
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        if head != commit:  # the pull step checked it out; another flow run of this worker may have moved it since
+        # the pull step checked it out; another flow run of this worker may have moved it since
+        if git(root, "rev-parse", "HEAD") != commit:
             git(root, "checkout", "--quiet", "--force", "--detach", commit)
         write_lock(root, lock)
         pull(root, upstream)
